@@ -1,0 +1,40 @@
+"""ONNX Runtime on the CPU: the embedded default that runs on any machine."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from engines.base import Engine, TensorSpec
+from pipeline.errors import ModelError
+from pipeline.model import PreparedModel
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(uint8)": np.uint8, "tensor(int64)": np.int64}
+
+
+def _spec(arg) -> TensorSpec:
+    shape = tuple(d if isinstance(d, int) else None for d in arg.shape)
+    return TensorSpec(arg.name, np.dtype(_ORT_TYPES.get(arg.type, np.float32)), shape)
+
+
+class OnnxRuntimeEngine(Engine):
+    name = "onnxruntime"
+
+    def __init__(self, model: PreparedModel, max_batch: int, intra_op_threads: int = 0, inter_op_threads: int = 1):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = inter_op_threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(model.onnx_bytes, options, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise ModelError(f"model.path: ONNX Runtime cannot load the model: {str(exc).splitlines()[0][:200]}") from None
+        self.inputs = [_spec(i) for i in self.session.get_inputs()]
+        self.outputs = [_spec(o) for o in self.session.get_outputs()]
+        self._input_name = model.input_name
+        self.max_batch = max_batch if model.batch_dynamic else 1
+
+    def infer(self, images: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(None, {self._input_name: images})

@@ -1,0 +1,1 @@
+"""The runtime of the pipeline: configuration, records, queues, stages, metrics and wiring."""

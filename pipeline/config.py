@@ -1,0 +1,186 @@
+"""The one place where YAML becomes typed configuration.
+
+`load_config(path)` reads the file, expands `${VAR}` (and `${VAR:-default}`) from the environment,
+validates it with pydantic and returns a `Config`. Every mistake becomes a one-line `ConfigError`
+naming the file, the key path and what was expected; nothing else in the project parses YAML.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipeline.errors import ConfigError
+
+_ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+CAMERA_ID_PATTERN = r"^[A-Za-z0-9_.-]+$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CameraConfig(_Strict):
+    """One video source: a file path or a URL (rtsp://, http(s)://) or a V4L2 device."""
+
+    id: Annotated[str, Field(pattern=CAMERA_ID_PATTERN, max_length=64)]
+    url: str
+    loop: bool = False
+    realtime: bool = False
+    rtsp_transport: Literal["tcp", "udp"] = "tcp"
+    decode_threads: Annotated[int, Field(ge=0, le=64)] = 0  # 0 = let FFmpeg choose
+    open_timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    read_timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    reconnect_base_s: Annotated[float, Field(gt=0)] = 0.5
+    reconnect_cap_s: Annotated[float, Field(gt=0)] = 10.0
+    stall_timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    live: bool | None = None  # None = decided from the URL (network and devices are live)
+
+    @property
+    def is_live(self) -> bool:
+        if self.live is not None:
+            return self.live
+        return "://" in self.url or self.url.startswith("/dev/video")
+
+
+class ModelConfig(_Strict):
+    path: Path
+    preset: Literal["yolox", "yolov5", "yolov8", "yolo11"]
+    labels: Path | None = None
+    input_size: tuple[Annotated[int, Field(ge=32)], Annotated[int, Field(ge=32)]] | None = None
+    conf_threshold: Annotated[float, Field(ge=0, le=1)] = 0.3
+    nms_iou: Annotated[float, Field(gt=0, le=1)] = 0.45
+    max_detections: Annotated[int, Field(ge=1)] = 300
+    classes: list[Annotated[int, Field(ge=0)]] | None = None  # keep only these class ids
+
+
+class EngineConfig(_Strict):
+    kind: Literal["onnxruntime"] = "onnxruntime"
+    intra_op_threads: Annotated[int, Field(ge=0)] = 0  # 0 = ONNX Runtime's default (all cores)
+    inter_op_threads: Annotated[int, Field(ge=0)] = 1
+    max_batch: Annotated[int, Field(ge=1, le=256)] = 4
+    batch_timeout_ms: Annotated[float, Field(ge=0)] = 10.0
+
+
+class PublishConfig(_Strict):
+    bind: str = "tcp://127.0.0.1:5555"
+    send_hwm: Annotated[int, Field(ge=1)] = 1000
+    wait_subscribers: Annotated[int, Field(ge=0)] = 0
+    wait_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    topic_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] = "det"
+
+
+class RuntimeConfig(_Strict):
+    queue_size: Annotated[int, Field(ge=1)] = 8
+    host_slots: Annotated[int, Field(ge=2)] = 4
+    status_interval_s: Annotated[float, Field(gt=0)] = 5.0
+    shutdown_deadline_s: Annotated[float, Field(gt=0)] = 2.0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Config(_Strict):
+    cameras: Annotated[list[CameraConfig], Field(min_length=1)]
+    model: ModelConfig
+    engine: EngineConfig = EngineConfig()
+    publish: PublishConfig = PublishConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    @field_validator("cameras")
+    @classmethod
+    def _unique_ids(cls, cameras: list[CameraConfig]) -> list[CameraConfig]:
+        seen: set[str] = set()
+        for camera in cameras:
+            if camera.id in seen:
+                raise ValueError(f"camera id {camera.id!r} is used twice")
+            seen.add(camera.id)
+        return cameras
+
+
+def _expand_env(node, path: str, source: Path):
+    """Replace ${VAR} / ${VAR:-default} in every string of the parsed YAML tree."""
+    if isinstance(node, dict):
+        return {k: _expand_env(v, f"{path}.{k}" if path else str(k), source) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand_env(v, f"{path}[{i}]", source) for i, v in enumerate(node)]
+    if isinstance(node, str):
+        def substitute(match: re.Match) -> str:
+            name, default = match.group(1), match.group(2)
+            value = os.environ.get(name)
+            if value is None:
+                if default is None:
+                    raise ConfigError(f"{source}: {path}: environment variable ${{{name}}} is not set")
+                return default
+            return value
+        return _ENV_PATTERN.sub(substitute, node)
+    return node
+
+
+def _key_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _describe(error: dict) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    given = error.get("input")
+    shown = repr(given) if not isinstance(given, (dict, list)) else type(given).__name__
+    return f"{error['msg']} (got {shown})"
+
+
+def _resolve_paths(data: dict, base: Path) -> None:
+    """Relative model paths are taken from the config file's folder, so a config runs from anywhere."""
+    model = data.get("model")
+    if isinstance(model, dict):
+        for key in ("path", "labels"):
+            value = model.get(key)
+            if isinstance(value, str) and value and not os.path.isabs(value):
+                model[key] = str((base / value).resolve())
+    for camera in data.get("cameras") or []:
+        if isinstance(camera, dict):
+            url = camera.get("url")
+            if isinstance(url, str) and "://" not in url and not os.path.isabs(url) and not url.startswith("/dev/"):
+                camera["url"] = str((base / url).resolve())
+
+
+def parse_config(data, source: Path | str = "<config>") -> Config:
+    source = Path(source)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    data = _expand_env(data, "", source)
+    _resolve_paths(data, source.parent if source.suffix else Path.cwd())
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        more = exc.error_count() - 1
+        suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+        raise ConfigError(f"{source}: {_key_path(first['loc'])}: {_describe(first)}{suffix}") from None
+
+
+def load_config(path: Path | str) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: invalid YAML: {where}{problem}") from None
+    return parse_config(data, path)

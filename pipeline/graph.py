@@ -1,0 +1,121 @@
+"""Wires the stages into a graph from a `Config`, runs it and stops it.
+
+    source (one per camera) ─► batch ─► letterbox ─► infer ─► postprocess ─► publish
+
+Every arrow is a `BoundedQueue`. Camera queues block for files (nothing lost) and drop the
+oldest frame for live sources (latency stays bounded); the others block, so back-pressure reaches
+the decoders. Stopping sets the stop event: sources end, and end of stream flows down the graph
+while every stage drains what is in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from engines import create_engine
+from pipeline.buffers import HostSlotPool
+from pipeline.config import Config
+from pipeline.metrics import StatusReporter
+from pipeline.model import prepare_model, read_labels
+from pipeline.queues import BoundedQueue, FanIn
+from stages.batch import BatchStage
+from stages.infer import InferStage
+from stages.letterbox import LetterboxStage
+from stages.postprocess import PostprocessStage
+from stages.publish import PublishStage, bind_publisher, wait_for_subscribers
+from stages.source import SourceStage
+
+log = logging.getLogger("pipeline")
+
+
+class Pipeline:
+    def __init__(self, config: Config):
+        self.config = config
+        self.stop_event = threading.Event()
+        model = prepare_model(config.model.path, config.model.preset, config.engine.max_batch)
+        self.labels = read_labels(config.model.labels, model.num_classes)
+        self.engine = create_engine(config.engine, model)
+        self.model = model
+        size = config.runtime.queue_size
+        h, w = model.input_hw
+        self.pool = HostSlotPool(config.runtime.host_slots, (self.engine.max_batch, h, w, 3))
+        self.socket = bind_publisher(config.publish)
+
+        self.sources: list[SourceStage] = []
+        for camera in config.cameras:
+            policy = "drop_oldest" if camera.is_live else "block"
+            queue = BoundedQueue(2 if camera.is_live else size, policy, name=f"camera.{camera.id}")
+            source = SourceStage(camera, queue, self.stop_event)
+            queue._on_drop = lambda _item, s=source: s.metrics.drop("queue_full")
+            self.sources.append(source)
+
+        batched = BoundedQueue(size, name="batched")
+        boxed = BoundedQueue(size, name="letterboxed")
+        inferred = BoundedQueue(size, name="inferred")
+        detected = BoundedQueue(size * max(1, self.engine.max_batch), name="detected")
+        self.batch = BatchStage(FanIn([s.outbox for s in self.sources]), batched, self.engine.max_batch,
+                                config.engine.batch_timeout_ms / 1000.0)
+        self.letterbox = LetterboxStage(batched, boxed, self.pool, model.preset)
+        self.infer = InferStage(boxed, inferred, self.engine, self.pool)
+        self.postprocess = PostprocessStage(inferred, detected, model.preset.layout, model.input_hw, model.preset.strides,
+                                            config.model.conf_threshold, config.model.nms_iou, config.model.max_detections,
+                                            config.model.classes)
+        self.publish = PublishStage(detected, self.socket, self.labels, config.publish.topic_prefix,
+                                    [c.id for c in config.cameras])
+        self.stages = [*self.sources, self.batch, self.letterbox, self.infer, self.postprocess, self.publish]
+        self.status = StatusReporter([s.metrics for s in self.stages], self.publish.metrics)
+
+    def start(self) -> None:
+        publish = self.config.publish
+        if publish.wait_subscribers:
+            got = wait_for_subscribers(self.socket, publish.wait_subscribers, publish.wait_timeout_s)
+            if got < publish.wait_subscribers:
+                log.warning("publish: %d of %d subscribers after %.1f s; starting anyway", got,
+                            publish.wait_subscribers, publish.wait_timeout_s)
+        for stage in reversed(self.stages):  # consumers first
+            stage.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    @property
+    def finished(self) -> bool:
+        return not any(stage.alive for stage in self.stages)
+
+    def failure(self) -> BaseException | None:
+        for stage in self.stages:
+            if stage.failure is not None:
+                return stage.failure
+        return None
+
+    def wait(self, stop_requested: threading.Event | None = None) -> bool:
+        """Run until every stage has finished, printing status; True when all stopped in time.
+
+        Once `stop_requested` is set (a signal), sources stop and the rest has
+        `runtime.shutdown_deadline_s` to drain.
+        """
+        interval = self.config.runtime.status_interval_s
+        next_status = time.monotonic() + interval
+        stop_deadline = None
+        while not self.finished:
+            time.sleep(0.05)
+            now = time.monotonic()
+            if self.failure() is not None and not self.stop_event.is_set():
+                self.stop()  # one stage failed for good: wind the rest down
+            if stop_requested is not None and stop_requested.is_set() and stop_deadline is None:
+                self.stop()
+                stop_deadline = now + self.config.runtime.shutdown_deadline_s
+            if stop_deadline is not None and now > stop_deadline:
+                self.pool.close()
+                return False
+            if now >= next_status:
+                log.info("%s", self.status.line())
+                next_status = now + interval
+        return True
+
+    def snapshot(self) -> dict:
+        summary = self.status.summary()
+        summary["cameras"] = {s.camera.id: s.snapshot() for s in self.sources}
+        return summary

@@ -1,0 +1,231 @@
+"""Model families and the ONNX graph edits every engine gets.
+
+A preset says how a family letterboxes (centred or top-left), which colour order and scale its
+input wants, and how its output is laid out. `prepare_model` turns the user's ONNX file into the
+graph the engines run:
+
+- a uint8 NHWC BGR input (what the letterbox writes into the host slot), followed by nodes that
+  cast, reorder channels, scale and transpose to the model's float NCHW input, so that uint8
+  crosses PCIe and the conversion runs wherever the engine runs;
+- where the model is fixed at batch 1, a batch-dynamic graph, made by a checked edit of its
+  Reshape constants (batch-N output must equal N batch-1 outputs; otherwise batch 1 is kept).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import ModelError
+
+log = logging.getLogger("pipeline")
+
+INPUT_NAME = "images_u8"
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    align: str  # "center" | "top-left"
+    channels: str  # "RGB" | "BGR"
+    scale: float  # multiplier applied to 0-255 values
+    layout: str  # "yolox" | "yolov5" | "yolov8"
+    pad_value: int = 114
+    strides: tuple[int, ...] = (8, 16, 32)
+
+
+PRESETS = {
+    "yolox": Preset("yolox", "top-left", "BGR", 1.0, "yolox"),
+    "yolov5": Preset("yolov5", "center", "RGB", 1 / 255.0, "yolov5"),
+    "yolov8": Preset("yolov8", "center", "RGB", 1 / 255.0, "yolov8"),
+    "yolo11": Preset("yolo11", "center", "RGB", 1 / 255.0, "yolov8"),
+}
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    onnx_bytes: bytes
+    input_name: str
+    input_hw: tuple[int, int]
+    output_names: list[str]
+    num_classes: int
+    batch_dynamic: bool  # False: the engine must run one image at a time
+    preset: Preset
+    sha256: str  # of the prepared graph: keys engine caches
+
+
+def _dims(value_info) -> list:
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in value_info.type.tensor_type.shape.dim]
+
+
+def load_onnx(path: Path):
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"model.path: {path}: file not found (run scripts/fetch_assets.py, or fix the path)")
+    try:
+        model = onnx.load(str(path))
+        if not model.graph.node:
+            raise ValueError("the graph has no nodes")
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"model.path: {path}: not a readable ONNX model ({first[:160]})") from None
+    return model
+
+
+def _prepend_preprocessing(model, preset: Preset):
+    """Replace the float NCHW input by uint8 NHWC BGR plus cast/colour/scale/transpose nodes."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    initializer_names = {i.name for i in graph.initializer}
+    real_inputs = [i for i in graph.input if i.name not in initializer_names]
+    if len(real_inputs) != 1:
+        raise ModelError(f"model.path: expected one image input, found {len(real_inputs)}")
+    original = real_inputs[0]
+    dims = _dims(original)
+    if len(dims) != 4 or dims[1] != 3 or not isinstance(dims[2], int) or not isinstance(dims[3], int):
+        raise ModelError(f"model.path: input {original.name!r} has shape {dims}; expected [N, 3, H, W] with fixed H, W")
+    batch_dim = dims[0] if isinstance(dims[0], int) else "batch"
+    new_input = helper.make_tensor_value_info(INPUT_NAME, TensorProto.UINT8, [batch_dim, dims[2], dims[3], 3])
+    nodes, current = [], INPUT_NAME
+
+    def add(op, inputs, **attrs):
+        nonlocal current
+        out = f"{INPUT_NAME}_{op.lower()}_{len(nodes)}"
+        nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        current = out
+
+    add("Cast", [current], to=TensorProto.FLOAT)
+    if preset.channels == "RGB":
+        graph.initializer.append(onnx.numpy_helper.from_array(np.array([2, 1, 0], np.int64), f"{INPUT_NAME}_bgr2rgb"))
+        add("Gather", [current, f"{INPUT_NAME}_bgr2rgb"], axis=3)
+    if preset.scale != 1.0:
+        graph.initializer.append(onnx.numpy_helper.from_array(np.array(preset.scale, np.float32), f"{INPUT_NAME}_scale"))
+        add("Mul", [current, f"{INPUT_NAME}_scale"])
+    nodes.append(helper.make_node("Transpose", [current], [original.name], name=f"{INPUT_NAME}_nchw", perm=[0, 3, 1, 2]))
+    graph.input.remove(original)
+    graph.input.insert(0, new_input)
+    for i, node in enumerate(nodes):
+        graph.node.insert(i, node)
+    return (dims[2], dims[3]), dims[0]
+
+
+def _make_batch_dynamic(model) -> bool:
+    """Point fixed-batch Reshape constants at the runtime batch (0 = copy input dim). True if edited."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    edited = False
+    initializers = {i.name: i for i in graph.initializer}
+    constants = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
+    for node in graph.node:
+        if node.op_type != "Reshape":
+            continue
+        name = node.input[1]
+        if name in initializers:
+            tensor = initializers[name]
+            shape = numpy_helper.to_array(tensor)
+            if shape.ndim == 1 and shape.size >= 2 and shape[0] == 1:
+                shape = shape.copy()
+                shape[0] = 0
+                tensor.CopyFrom(numpy_helper.from_array(shape, name))
+                edited = True
+        elif name in constants:
+            attr = constants[name].attribute[0]
+            shape = numpy_helper.to_array(attr.t)
+            if shape.ndim == 1 and shape.size >= 2 and shape[0] == 1:
+                shape = shape.copy()
+                shape[0] = 0
+                attr.t.CopyFrom(numpy_helper.from_array(shape))
+                edited = True
+    for value in list(graph.input) + list(graph.output):
+        dim = value.type.tensor_type.shape.dim
+        if dim and dim[0].HasField("dim_value") and dim[0].dim_value == 1:
+            dim[0].dim_param = "batch"
+    del graph.value_info[:]  # stale intermediate shapes would pin the batch again
+    return edited
+
+
+def _check_batch_equivalence(onnx_bytes: bytes, input_name: str, hw: tuple[int, int], batch: int = 3) -> bool:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (batch, hw[0], hw[1], 3), dtype=np.uint8)
+    together = session.run(None, {input_name: images})
+    for i in range(batch):
+        alone = session.run(None, {input_name: images[i : i + 1]})
+        for a, b in zip(together, alone):
+            if a.shape[0] != batch or not np.allclose(a[i], b[0], rtol=1e-3, atol=1e-3):
+                return False
+    return True
+
+
+def read_labels(path: Path | None, num_classes: int) -> list[str]:
+    if path is None:
+        return [str(i) for i in range(num_classes)]
+    try:
+        names = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except OSError as exc:
+        raise ModelError(f"model.labels: {path}: cannot read labels file ({exc.strerror or exc})") from None
+    if len(names) != num_classes:
+        raise ModelError(f"model.labels: {path}: has {len(names)} names but the model predicts {num_classes} classes")
+    return names
+
+
+def _num_classes(output_dims: list, layout: str, path: Path) -> int:
+    if len(output_dims) != 3:
+        raise ModelError(f"model.path: {path}: output shape {output_dims} is not [N, boxes, values] as preset layout {layout!r} expects")
+    if layout in ("yolox", "yolov5"):
+        values = output_dims[2]
+        if not isinstance(values, int) or values < 6:
+            raise ModelError(f"model.path: {path}: output shape {output_dims} does not match layout {layout!r} ([N, boxes, 5+classes])")
+        return values - 5
+    values = output_dims[1]
+    if not isinstance(values, int) or values < 5:
+        raise ModelError(f"model.path: {path}: output shape {output_dims} does not match layout {layout!r} ([N, 4+classes, boxes])")
+    return values - 4
+
+
+def prepare_model(path: Path, preset_name: str, want_batch: int = 1) -> PreparedModel:
+    preset = PRESETS[preset_name]
+    model = load_onnx(path)
+    hw, batch_dim = _prepend_preprocessing(model, preset)
+    if len(model.graph.output) < 1:
+        raise ModelError(f"model.path: {path}: the model has no outputs")
+    num_classes = _num_classes(_dims(model.graph.output[0]), preset.layout, path)
+    batch_dynamic = not isinstance(batch_dim, int)
+    if not batch_dynamic and batch_dim != 1:
+        raise ModelError(f"model.path: {path}: fixed batch {batch_dim} is not supported; export with batch 1 or a dynamic batch")
+    onnx_bytes = model.SerializeToString()
+    if not batch_dynamic and want_batch > 1:
+        original = onnx_bytes
+        if _make_batch_dynamic(model):
+            candidate = model.SerializeToString()
+            if _check_batch_equivalence(candidate, INPUT_NAME, hw):
+                onnx_bytes, batch_dynamic = candidate, True
+                log.info("model %s: made batch-dynamic (checked: batch-N output equals N batch-1 outputs)", Path(path).name)
+            else:
+                onnx_bytes = original
+                log.warning("model %s: batch edit changed the outputs; keeping batch 1", Path(path).name)
+        else:
+            log.warning("model %s: fixed at batch 1 and no Reshape constant to edit; running batch 1", Path(path).name)
+    return PreparedModel(
+        onnx_bytes=onnx_bytes,
+        input_name=INPUT_NAME,
+        input_hw=hw,
+        output_names=[o.name for o in model.graph.output],
+        num_classes=num_classes,
+        batch_dynamic=batch_dynamic,
+        preset=preset,
+        sha256=hashlib.sha256(onnx_bytes).hexdigest(),
+    )

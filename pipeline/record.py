@@ -1,0 +1,77 @@
+"""The record that flows between stages.
+
+A `Frame` is born in the source stage and carries everything later stages add to it: the
+letterbox geometry, the detections, and the per-stage timestamps the publisher reports. The batch
+stage groups frames into a `FrameBatch` that owns one host slot (the engine's input buffer) from
+letterbox until inference; postprocess splits it back into frames.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class Letterbox:
+    """Where a source image sits inside the model input: input = source * ratio + pad."""
+
+    ratio: float
+    pad_x: int
+    pad_y: int
+    resized_w: int
+    resized_h: int
+
+
+@dataclass(slots=True)
+class Detections:
+    """Boxes in source pixels (x1, y1, x2, y2), one row each."""
+
+    xyxy: np.ndarray  # float32 [n, 4]
+    scores: np.ndarray  # float32 [n]
+    class_ids: np.ndarray  # int32 [n]
+
+    @classmethod
+    def empty(cls) -> "Detections":
+        return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int32))
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+@dataclass(slots=True)
+class Frame:
+    camera: str
+    index: int  # 0-based frame count per camera (never reused across reconnects)
+    pts: float | None  # presentation time in seconds, None when the stream gives none
+    capture_time: float  # wall clock (time.time()) when the frame left the decoder
+    image: np.ndarray | None  # decoded BGR uint8 [h, w, 3]; released after letterbox
+    source_size: tuple[int, int]  # (width, height)
+    letterbox: Letterbox | None = None
+    detections: Detections | None = None
+    # stage name -> monotonic time the frame left that stage
+    marks: dict[str, float] = field(default_factory=dict)
+    born: float = field(default_factory=time.monotonic)
+
+    def mark(self, stage: str) -> None:
+        self.marks[stage] = time.monotonic()
+
+    def stage_latency_ms(self) -> dict[str, float]:
+        """Time spent from the previous mark (or birth) to each stage's mark, in milliseconds."""
+        out, previous = {}, self.born
+        for stage, t in self.marks.items():
+            out[stage] = round((t - previous) * 1000.0, 3)
+            previous = t
+        return out
+
+
+@dataclass(slots=True)
+class FrameBatch:
+    frames: list[Frame]
+    slot: object | None = None  # a pipeline.buffers.HostSlot while the batch owns one
+    outputs: list[np.ndarray] | None = None  # raw engine outputs, batch-major
+
+    def __len__(self) -> int:
+        return len(self.frames)

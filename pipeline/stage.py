@@ -1,0 +1,124 @@
+"""The life cycle every stage shares: start, process one item at a time, stop.
+
+A stage is a thread that takes items from its inbox, hands each to `process`, and sends results
+on with `emit`. When its inbox is closed and drained it calls `flush` (for items it holds back,
+such as a partly filled batch) and closes its outbox, so end of stream flows down the graph and
+every stage drains what is in flight before it stops. An exception while processing one item is
+logged, counted as a drop and never stops the stage; a `PipelineError` stops the whole run.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from pipeline.errors import PipelineError
+from pipeline.metrics import StageMetrics
+from pipeline.queues import CLOSED, BoundedQueue
+from pipeline.record import FrameBatch
+
+log = logging.getLogger("pipeline")
+
+
+def frame_count(item) -> int:
+    return len(item) if isinstance(item, FrameBatch) else 1
+
+
+class Stage:
+    name = "stage"
+    poll_s: float | None = 0.5  # how often `on_idle` runs while the inbox is empty
+
+    def __init__(self, inbox: BoundedQueue | None, outbox: BoundedQueue | None):
+        self.inbox, self.outbox = inbox, outbox
+        self.metrics = StageMetrics(self.name)
+        self.failure: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._error_logged = 0
+        self._waited = 0.0  # seconds spent blocked on a full outbox (or a pool) during this item
+
+    # -- life cycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"stage-{self.name}", daemon=True)
+        self._thread.start()
+
+    def join(self, timeout: float | None = None) -> bool:
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _run(self) -> None:
+        try:
+            self.on_start()
+            self.loop()
+            self.flush()
+        except PipelineError as exc:
+            self.failure = exc
+        except BaseException as exc:  # a bug: keep the traceback for the log, stop the run
+            log.exception("stage %s crashed", self.name)
+            self.failure = exc
+        finally:
+            try:
+                self.on_stop()
+            finally:
+                if self.outbox is not None:
+                    self.outbox.close()
+
+    def loop(self) -> None:
+        while True:
+            item = self.inbox.get(timeout=self.poll_s)
+            if item is None:
+                self.on_idle()
+                continue
+            if item is CLOSED:
+                return
+            self.metrics.items_in += 1
+            self._waited = 0.0
+            started = time.perf_counter()
+            try:
+                self.process(item)
+            except PipelineError:
+                raise
+            except Exception as exc:  # one bad item is skipped and counted, never fatal
+                self.metrics.drop("error", frame_count(item))
+                self._log_item_error(exc)
+                self.discard(item)
+            # latency is the stage's own work: waits for downstream room are back-pressure, not cost
+            self.metrics.record_latency(time.perf_counter() - started - self._waited)
+
+    def _log_item_error(self, exc: Exception) -> None:
+        self._error_logged += 1
+        if self._error_logged <= 5 or self._error_logged % 1000 == 0:
+            log.error("%s: item skipped (%s: %s) [%d so far]", self.name, type(exc).__name__, exc, self._error_logged)
+
+    # -- what subclasses override -----------------------------------------------------------
+    def on_start(self) -> None:
+        pass
+
+    def process(self, item) -> None:
+        raise NotImplementedError
+
+    def on_idle(self) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def on_stop(self) -> None:
+        pass
+
+    def discard(self, item) -> None:
+        """Release what an item holds (a host slot, say) when it is dropped."""
+
+    def emit(self, item) -> None:
+        started = time.perf_counter()
+        added = self.outbox.put(item)
+        self._waited += time.perf_counter() - started
+        if added:
+            self.metrics.items_out += 1
+            self.metrics.frames_out += frame_count(item)

@@ -1,0 +1,157 @@
+#!/usr/bin/env python3
+"""Streaming video analytics: decode -> letterbox -> infer -> detections over ZeroMQ.
+
+    python run.py --config configs/demo.yaml          run the pipeline
+    python run.py subscribe --camera demo             print the detections a camera publishes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger("pipeline")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+
+
+def cmd_run(args) -> int:
+    from pipeline.config import load_config
+
+    config = load_config(args.config)
+    _setup_logging(args.log_level or config.runtime.log_level)
+    if args.check:
+        from pipeline.graph import Pipeline  # builds model, engine and socket: everything but the run
+        Pipeline(config).socket.close(0)
+        print(f"{args.config}: ok")
+        return 0
+    from pipeline.graph import Pipeline
+
+    pipeline = Pipeline(config)
+    stop_requested = threading.Event()
+
+    def on_signal(signum, _frame):
+        if stop_requested.is_set():
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            sys.exit(130)
+        log.info("%s: stopping sources, draining what is in flight", signal.Signals(signum).name)
+        stop_requested.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    log.info("running %d camera(s) with %s, batch <= %d, publishing on %s", len(config.cameras),
+             pipeline.engine.name, pipeline.engine.max_batch, config.publish.bind)
+    pipeline.start()
+    drained = pipeline.wait(stop_requested=stop_requested)
+    summary = pipeline.snapshot()
+    log.info("done: %s", pipeline.status.line())
+    if args.summary_json:
+        with open(args.summary_json, "w", encoding="utf-8") as handle:
+            json.dump(summary, handle, indent=2, default=str)
+    failure = pipeline.failure()
+    if failure is not None:
+        if isinstance(failure, PipelineError):
+            raise failure
+        return 1
+    if not drained:
+        log.error("shutdown deadline (%.1f s) passed with frames still in flight", config.runtime.shutdown_deadline_s)
+        return 1
+    return 0
+
+
+def cmd_subscribe(args) -> int:
+    import zmq
+
+    from stages.publish import topic_for
+
+    _setup_logging(args.log_level or "info")
+    socket = zmq.Context.instance().socket(zmq.SUB)
+    socket.connect(args.connect)
+    topics = [topic_for(args.prefix, c) for c in args.camera] if args.camera else [f"{args.prefix}/".encode()]
+    for topic in topics:
+        socket.setsockopt(zmq.SUBSCRIBE, topic)
+    last_seq: dict[str, int] = {}
+    lost = 0
+    received = 0
+    try:
+        while args.count is None or received < args.count:
+            if not socket.poll(int(args.timeout * 1000) if args.timeout else None):
+                log.error("subscribe: no message for %.1f s from %s", args.timeout, args.connect)
+                return 1
+            _topic, header = socket.recv_multipart()[:2]
+            message = json.loads(header)
+            camera = message.get("camera", "?")
+            if camera in last_seq and message.get("seq", 0) > last_seq[camera] + 1:
+                lost += message["seq"] - last_seq[camera] - 1
+            last_seq[camera] = message.get("seq", 0)
+            received += 1
+            if args.summary:
+                if message.get("type") == "detections":
+                    labels = ", ".join(f"{d['label']} {d['score']:.2f}" for d in message["detections"])
+                    print(f"{camera} frame={message['frame']} lat={message['latency_ms']['total']:.0f}ms [{labels}]", flush=True)
+                else:
+                    print(f"{camera} {message.get('type')}", flush=True)
+            else:
+                print(json.dumps(message), flush=True)
+    except KeyboardInterrupt:
+        pass
+    if lost:
+        log.warning("subscribe: %d message(s) lost in transport (gaps in seq)", lost)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the pipeline (the default command)")
+    run.add_argument("--config", required=True, help="YAML configuration file (see README: Configuration)")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override runtime.log_level")
+    run.add_argument("--summary-json", metavar="PATH", help="write final statistics (frames, fps, per-stage latency, drops) as JSON")
+    run.add_argument("--check", action="store_true", help="validate the config, load the model and bind the publisher, then exit")
+    run.set_defaults(func=cmd_run)
+
+    sub = commands.add_parser("subscribe", help="print the messages one or more cameras publish")
+    sub.add_argument("--connect", default="tcp://127.0.0.1:5555", help="publisher endpoint (default: %(default)s)")
+    sub.add_argument("--camera", action="append", help="camera id; repeat for several; default: all cameras")
+    sub.add_argument("--prefix", default="det", help="topic prefix (publish.topic_prefix; default: %(default)s)")
+    sub.add_argument("--count", type=int, help="exit after this many messages")
+    sub.add_argument("--timeout", type=float, help="exit 1 when no message arrives for this many seconds")
+    sub.add_argument("--summary", action="store_true", help="one short line per message instead of the JSON header")
+    sub.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    sub.set_defaults(func=cmd_subscribe)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv in (["-h"], ["--help"]):  # the full reference: every command and every flag
+        print(parser.format_help())
+        for name, sub in parser._subparsers._group_actions[0].choices.items():
+            print(f"\n=== run.py {name} ===\n{sub.format_help()}")
+        return 0
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv.insert(0, "run")  # `run.py --config X` means `run.py run --config X`
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

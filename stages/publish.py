@@ -1,0 +1,129 @@
+"""Publish stage: one ZeroMQ message per frame on the camera's topic, never blocking the pipeline.
+
+The socket is an XPUB (a PUB that also reports subscriptions, so a run can wait for its first
+subscribers). Topics are `det/<camera>/`: the closing slash keeps camera `cam1`'s subscribers
+from matching `cam10`. Messages are multipart `[topic, header]`, the header UTF-8 JSON in the
+schema documented in README.md (`SCHEMA` below). Sends are non-blocking with a high-water mark;
+a send ZeroMQ refuses is dropped and counted. ZeroMQ also drops silently, per subscriber, when one
+subscriber's own queue is full; the per-topic `seq` lets each subscriber count its own losses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import zmq
+
+from pipeline.config import PublishConfig
+from pipeline.errors import PublishError
+from pipeline.queues import BoundedQueue
+from pipeline.record import Frame
+from pipeline.stage import Stage
+
+log = logging.getLogger("pipeline")
+
+SCHEMA = "vapipe.detections/1"
+
+
+def topic_for(prefix: str, camera: str) -> bytes:
+    return f"{prefix}/{camera}/".encode()
+
+
+def to_message(frame: Frame, labels: list[str], seq: int) -> dict:
+    dets = frame.detections
+    detections = []
+    if dets is not None:
+        for box, score, class_id in zip(dets.xyxy.tolist(), dets.scores.tolist(), dets.class_ids.tolist()):
+            detections.append({
+                "class_id": class_id,
+                "label": labels[class_id] if 0 <= class_id < len(labels) else str(class_id),
+                "score": round(score, 4),
+                "box": [round(v, 2) for v in box],
+            })
+    now = time.time()
+    return {
+        "schema": SCHEMA,
+        "type": "detections",
+        "camera": frame.camera,
+        "seq": seq,
+        "frame": frame.index,
+        "pts": frame.pts,
+        "capture_time": frame.capture_time,
+        "publish_time": now,
+        "width": frame.source_size[0],
+        "height": frame.source_size[1],
+        "detections": detections,
+        "latency_ms": {**frame.stage_latency_ms(), "total": round((now - frame.capture_time) * 1000.0, 3)},
+    }
+
+
+def bind_publisher(config: PublishConfig, context: zmq.Context | None = None) -> zmq.Socket:
+    context = context or zmq.Context.instance()
+    socket = context.socket(zmq.XPUB)
+    socket.setsockopt(zmq.SNDHWM, config.send_hwm)
+    socket.setsockopt(zmq.LINGER, 2000)  # at exit, give queued messages 2 s to leave
+    socket.setsockopt(zmq.XPUB_VERBOSE, 1)
+    try:
+        socket.bind(config.bind)
+    except zmq.ZMQError as exc:
+        socket.close(0)
+        raise PublishError(f"publish.bind: cannot bind {config.bind}: {exc.strerror}") from None
+    return socket
+
+
+def wait_for_subscribers(socket: zmq.Socket, count: int, timeout_s: float) -> int:
+    """Block until `count` subscriptions arrived (or the timeout passed); returns how many did."""
+    seen = 0
+    deadline = time.monotonic() + timeout_s
+    while seen < count:
+        remaining_ms = int((deadline - time.monotonic()) * 1000)
+        if remaining_ms <= 0 or not socket.poll(remaining_ms, zmq.POLLIN):
+            break
+        message = socket.recv()
+        if message[:1] == b"\x01":
+            seen += 1
+    return seen
+
+
+class PublishStage(Stage):
+    name = "publish"
+
+    def __init__(self, inbox: BoundedQueue, socket: zmq.Socket, labels: list[str], prefix: str, cameras: list[str]):
+        super().__init__(inbox, None)
+        self.socket = socket
+        self.labels = labels
+        self.topics = {camera: topic_for(prefix, camera) for camera in cameras}
+        self.seq = {camera: 0 for camera in cameras}
+
+    def _send(self, topic: bytes, header: dict) -> bool:
+        try:
+            self.socket.send_multipart([topic, json.dumps(header, separators=(",", ":")).encode()], flags=zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            self.metrics.drop("send_full")
+            return False
+
+    def process(self, frame: Frame) -> None:
+        frame.mark("publish")
+        message = to_message(frame, self.labels, self.seq[frame.camera])
+        self.seq[frame.camera] += 1
+        if self._send(self.topics[frame.camera], message):
+            self.metrics.items_out += 1
+            self.metrics.frames_out += 1
+
+    def on_idle(self) -> None:
+        self._drain_subscriptions()
+
+    def _drain_subscriptions(self) -> None:
+        # XPUB queues subscription notices; read them so they never pile up
+        while self.socket.poll(0, zmq.POLLIN):
+            self.socket.recv()
+
+    def flush(self) -> None:
+        for camera, topic in self.topics.items():
+            self._send(topic, {"schema": SCHEMA, "type": "end", "camera": camera, "seq": self.seq[camera]})
+
+    def on_stop(self) -> None:
+        self.socket.close()
