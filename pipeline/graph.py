@@ -13,10 +13,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
 
 from engines import create_engine
 from pipeline.buffers import HostSlotPool
 from pipeline.config import Config
+from pipeline.errors import ConfigError
 from pipeline.metrics import StatusReporter
 from pipeline.model import prepare_model, read_labels
 from pipeline.queues import BoundedQueue, FanIn
@@ -34,6 +36,9 @@ class Pipeline:
     def __init__(self, config: Config):
         self.config = config
         self.stop_event = threading.Event()
+        for i, camera in enumerate(config.cameras):  # a missing file is a config mistake: fail before loading anything
+            if not camera.is_live and not Path(camera.url).is_file():
+                raise ConfigError(f"cameras[{i}].url: camera {camera.id}: {camera.url}: file not found")
         model = prepare_model(config.model.path, config.model.preset, config.engine.max_batch)
         self.labels = read_labels(config.model.labels, model.num_classes)
         self.engine = create_engine(config.engine, model)

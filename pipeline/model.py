@@ -185,13 +185,14 @@ def read_labels(path: Path | None, num_classes: int) -> list[str]:
 def _num_classes(output_dims: list, layout: str, path: Path) -> int:
     if len(output_dims) != 3:
         raise ModelError(f"model.path: {path}: output shape {output_dims} is not [N, boxes, values] as preset layout {layout!r} expects")
+    boxes_first = all(isinstance(d, int) for d in output_dims[1:]) and output_dims[1] > output_dims[2]
     if layout in ("yolox", "yolov5"):
         values = output_dims[2]
-        if not isinstance(values, int) or values < 6:
+        if not isinstance(values, int) or values < 6 or not boxes_first:
             raise ModelError(f"model.path: {path}: output shape {output_dims} does not match layout {layout!r} ([N, boxes, 5+classes])")
         return values - 5
     values = output_dims[1]
-    if not isinstance(values, int) or values < 5:
+    if not isinstance(values, int) or values < 5 or boxes_first:
         raise ModelError(f"model.path: {path}: output shape {output_dims} does not match layout {layout!r} ([N, 4+classes, boxes])")
     return values - 4
 

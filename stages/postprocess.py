@@ -58,7 +58,8 @@ def nms(boxes_xyxy: np.ndarray, scores: np.ndarray, class_ids: np.ndarray, iou: 
         return np.zeros(0, np.int64)
     xywh = boxes_xyxy.copy()
     xywh[:, 2:] -= xywh[:, :2]
-    keep = cv2.dnn.NMSBoxesBatched(xywh.tolist(), scores.tolist(), class_ids.tolist(), 0.0, iou, top_k=max_det)
+    # top_k=0: OpenCV's top_k limits the candidates before suppression; max_det applies after it
+    keep = cv2.dnn.NMSBoxesBatched(xywh.tolist(), scores.tolist(), class_ids.tolist(), 0.0, iou, top_k=0)
     keep = np.asarray(keep, dtype=np.int64).reshape(-1)
     return keep[np.argsort(-scores[keep], kind="stable")][:max_det]
 

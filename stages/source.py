@@ -149,8 +149,12 @@ class SourceStage(Stage):
             started = time.perf_counter()
             try:
                 frames = packet.decode()
-            except av.error.FFmpegError:
+            except av.error.FFmpegError as exc:
                 self.metrics.drop("decode_error")
+                count = self.metrics.drops["decode_error"]
+                if count == 1 or count % 100 == 0:
+                    log.warning("camera %s: undecodable packet skipped (%s); %d so far", self.camera.id,
+                                redact(str(exc)), count)
                 continue
             for av_frame in frames:
                 if self.stop_event.is_set():

@@ -1,0 +1,47 @@
+"""Configuration: defaults, interpolation, paths, and the checks a typo runs into."""
+
+import pytest
+
+from pipeline.config import load_config, parse_config
+from pipeline.errors import ConfigError
+
+BASE = {"cameras": [{"id": "cam1", "url": "clip.mp4"}], "model": {"path": "m.onnx", "preset": "yolox"}}
+
+
+def test_defaults_and_relative_paths(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("cameras:\n  - id: cam1\n    url: clip.mp4\nmodel: {path: m.onnx, preset: yolox}\n")
+    config = load_config(path)
+    assert config.cameras[0].url == str(tmp_path / "clip.mp4")
+    assert config.model.path == tmp_path / "m.onnx"
+    assert not config.cameras[0].is_live and config.cameras[0].rtsp_transport == "tcp"
+    assert config.engine.kind == "onnxruntime" and config.publish.bind.startswith("tcp://127.0.0.1")
+
+
+def test_env_interpolation_with_default(monkeypatch):
+    monkeypatch.setenv("CAM_PASS", "s3cret")
+    data = {**BASE, "cameras": [{"id": "c", "url": "rtsp://admin:${CAM_PASS}@${CAM_HOST:-10.0.0.9}/s"}]}
+    config = parse_config(data, "x.yaml")
+    assert config.cameras[0].url == "rtsp://admin:s3cret@10.0.0.9/s"
+    assert config.cameras[0].is_live
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"cameras": []}, "cameras: List should have at least 1 item"),
+    ({"cameras": [{"id": "a/b", "url": "x"}]}, "cameras[0].id: String should match pattern"),
+    ({"cameras": [{"id": "a", "url": "x"}, {"id": "a", "url": "y"}]}, "camera id 'a' is used twice"),
+    ({"model": {"path": "m", "preset": "yolov9"}}, "model.preset: Input should be"),
+    ({"engine": {"max_batch": 0}}, "engine.max_batch: Input should be greater than or equal to 1"),
+    ({"cameras": [{"id": "a", "url": "x", "rtsp_transport": "http"}]}, "cameras[0].rtsp_transport"),
+])
+def test_mistakes_name_the_key(change, message):
+    with pytest.raises(ConfigError) as error:
+        parse_config({**BASE, **change}, "cfg.yaml")
+    assert str(error.value).startswith("cfg.yaml: ")
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_top_level_must_be_a_mapping():
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        parse_config(["a"], "cfg.yaml")

@@ -1,0 +1,54 @@
+"""Letterbox geometry and pixels, for both alignments and awkward sizes."""
+
+import cv2
+import numpy as np
+import pytest
+
+from stages.letterbox import letterbox_geometry, letterbox_into
+
+SIZES = [(768, 432), (432, 768), (641, 479), (479, 641), (1, 1), (3, 2), (2, 3), (416, 416), (3840, 2160), (4000, 3000), (100, 5000)]
+
+
+@pytest.mark.parametrize("align", ["center", "top-left"])
+@pytest.mark.parametrize("src_w,src_h", SIZES)
+def test_geometry_fits_and_keeps_aspect(align, src_w, src_h):
+    geo = letterbox_geometry(src_w, src_h, 416, 416, align)
+    assert geo.ratio == pytest.approx(min(416 / src_w, 416 / src_h))
+    assert max(geo.resized_w, geo.resized_h) == 416  # the long side fills the input
+    assert 0 <= geo.pad_x and geo.pad_x + geo.resized_w <= 416
+    assert 0 <= geo.pad_y and geo.pad_y + geo.resized_h <= 416
+    if align == "top-left":
+        assert geo.pad_x == geo.pad_y == 0
+    else:  # centred: the two pads differ by at most one pixel
+        assert abs((416 - geo.resized_w - geo.pad_x) - geo.pad_x) <= 1
+        assert abs((416 - geo.resized_h - geo.pad_y) - geo.pad_y) <= 1
+    if src_w > 2 and src_h > 2:
+        assert abs(geo.resized_w / geo.resized_h - src_w / src_h) < 0.02 * src_w / src_h + 1 / min(geo.resized_w, geo.resized_h)
+
+
+def test_landscape_centered_numbers():
+    geo = letterbox_geometry(768, 432, 640, 640, "center")
+    assert (geo.resized_w, geo.resized_h, geo.pad_x, geo.pad_y) == (640, 360, 0, 140)
+
+
+def test_portrait_top_left_numbers():
+    geo = letterbox_geometry(432, 768, 416, 416, "top-left")
+    assert (geo.resized_w, geo.resized_h, geo.pad_x, geo.pad_y) == (234, 416, 0, 0)
+
+
+@pytest.mark.parametrize("align", ["center", "top-left"])
+@pytest.mark.parametrize("src_w,src_h", [(768, 432), (479, 641), (3, 2), (1920, 1080), (416, 416)])
+def test_pixels_written_in_place(align, src_w, src_h):
+    rng = np.random.default_rng(src_w * src_h)
+    image = rng.integers(0, 256, (src_h, src_w, 3), dtype=np.uint8)
+    slot = np.full((2, 416, 416, 3), 7, np.uint8)  # a batch slot; row 1 is written, row 0 untouched
+    geo = letterbox_into(image, slot[1], align, pad_value=114)
+    x0, y0 = geo.pad_x, geo.pad_y
+    x1, y1 = x0 + geo.resized_w, y0 + geo.resized_h
+    expected = cv2.resize(image, (geo.resized_w, geo.resized_h), interpolation=cv2.INTER_LINEAR) \
+        if (geo.resized_w, geo.resized_h) != (src_w, src_h) else image
+    assert np.array_equal(slot[1, y0:y1, x0:x1], expected)
+    padding = np.ones((416, 416), bool)
+    padding[y0:y1, x0:x1] = False
+    assert (slot[1][padding] == 114).all()
+    assert (slot[0] == 7).all()

@@ -1,0 +1,76 @@
+"""The graph edits every engine gets: uint8 NHWC preprocessing inside the model, checked batch edit."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from conftest import MODEL
+from engines.onnxruntime_engine import OnnxRuntimeEngine
+from pipeline.model import INPUT_NAME, prepare_model
+
+
+def session(data):
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(3).integers(0, 256, (3, 416, 416, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def original():
+    return session(str(MODEL))
+
+
+def test_prepended_preprocessing_equals_the_recipe(images, original):
+    """YOLOX: BGR raw 0-255 NCHW; the prepared graph takes the slot's uint8 NHWC BGR directly."""
+    prepared = prepare_model(MODEL, "yolox", want_batch=1)
+    assert prepared.input_hw == (416, 416) and prepared.num_classes == 80
+    ours = session(prepared.onnx_bytes).run(None, {INPUT_NAME: images[:1]})[0]
+    recipe = original.run(None, {"images": images[:1].transpose(0, 3, 1, 2).astype(np.float32)})[0]
+    assert np.allclose(ours, recipe, rtol=1e-4, atol=1e-4)
+
+
+def test_rgb_and_scale_presets_apply_inside_the_graph(images):
+    """A v5-style preset on the same graph: RGB order and /255 must reach the model's input."""
+    prepared = prepare_model(MODEL, "yolov5", want_batch=1)
+    net = session(prepared.onnx_bytes)
+    original = session(str(MODEL))
+    expected = original.run(None, {"images": (images[:1, :, :, ::-1].transpose(0, 3, 1, 2) / 255.0).astype(np.float32)})[0]
+    assert np.allclose(net.run(None, {INPUT_NAME: images[:1]})[0], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_batch_edit_gives_n_times_the_batch_one_output(images):
+    prepared = prepare_model(MODEL, "yolox", want_batch=8)
+    assert prepared.batch_dynamic
+    net = session(prepared.onnx_bytes)
+    together = net.run(None, {INPUT_NAME: images})[0]
+    assert together.shape == (3, 3549, 85)
+    for i in range(3):
+        assert np.allclose(together[i], net.run(None, {INPUT_NAME: images[i : i + 1]})[0][0], atol=1e-4)
+
+
+def test_batch_one_is_kept_when_batching_is_not_asked_for():
+    prepared = prepare_model(MODEL, "yolox", want_batch=1)
+    assert not prepared.batch_dynamic
+    engine = OnnxRuntimeEngine(prepared, max_batch=8, intra_op_threads=1)
+    assert engine.max_batch == 1
+    assert engine.inputs[0].shape == (1, 416, 416, 3) and engine.inputs[0].dtype == np.uint8
+
+
+def test_engine_specs_show_the_dynamic_batch(images):
+    engine = OnnxRuntimeEngine(prepare_model(MODEL, "yolox", want_batch=4), max_batch=4, intra_op_threads=1)
+    assert engine.max_batch == 4
+    assert engine.inputs[0].shape == (None, 416, 416, 3)
+    assert engine.outputs[0].shape[1:] == (3549, 85)
+    assert engine.infer(images[:2])[0].shape == (2, 3549, 85)
+
+
+def test_wrong_layout_for_the_model_is_refused():
+    from pipeline.errors import ModelError
+
+    with pytest.raises(ModelError, match="does not match layout 'yolov8'"):
+        prepare_model(MODEL, "yolov8", want_batch=1)
