@@ -13,5 +13,6 @@ def create_engine(config: EngineConfig, model: PreparedModel) -> Engine:
     if config.kind == "onnxruntime":
         from engines.onnxruntime_engine import OnnxRuntimeEngine
 
-        return OnnxRuntimeEngine(model, config.max_batch, config.intra_op_threads, config.inter_op_threads)
+        return OnnxRuntimeEngine(model, config.max_batch, config.intra_op_threads, config.inter_op_threads,
+                                 config.spin)
     raise ValueError(f"unknown engine kind {config.kind!r}")

@@ -19,7 +19,8 @@ def _spec(arg) -> TensorSpec:
 class OnnxRuntimeEngine(Engine):
     name = "onnxruntime"
 
-    def __init__(self, model: PreparedModel, max_batch: int, intra_op_threads: int = 0, inter_op_threads: int = 1):
+    def __init__(self, model: PreparedModel, max_batch: int, intra_op_threads: int = 0, inter_op_threads: int = 1,
+                 spin: bool = False):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -27,6 +28,11 @@ class OnnxRuntimeEngine(Engine):
         options.inter_op_num_threads = inter_op_threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        # ONNX Runtime's pool threads busy-wait after each run by default; in a pipeline that steals
+        # the cores the decoder and letterbox threads need, so spinning is off unless asked for
+        spin_flag = "1" if spin else "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", spin_flag)
+        options.add_session_config_entry("session.inter_op.allow_spinning", spin_flag)
         try:
             self.session = ort.InferenceSession(model.onnx_bytes, options, providers=["CPUExecutionProvider"])
         except Exception as exc:

@@ -63,6 +63,7 @@ class EngineConfig(_Strict):
     kind: Literal["onnxruntime"] = "onnxruntime"
     intra_op_threads: Annotated[int, Field(ge=0)] = 0  # 0 = ONNX Runtime's default (all cores)
     inter_op_threads: Annotated[int, Field(ge=0)] = 1
+    spin: bool = False  # ONNX Runtime threads busy-wait between runs (faster alone, slower in a pipeline)
     max_batch: Annotated[int, Field(ge=1, le=256)] = 4
     batch_timeout_ms: Annotated[float, Field(ge=0)] = 10.0
 

@@ -1,0 +1,192 @@
+#!/usr/bin/env python3
+"""CPU benchmark, all variants in one run on the same frames of the demo clip:
+
+1. naive loop   - decode, letterbox, infer, postprocess, one frame at a time, one thread
+2. ORT alone    - the engine on frames letterboxed in advance (batch 1 and the pipeline's batch)
+3. pipeline     - the real pipeline (threads, batching, publish over ZeroMQ)
+
+Prints a table and appends the numbers (date, machine, commit) to bench/results/cpu.md and .jsonl.
+
+    python bench/bench_cpu.py [--frames 600] [--threads 2] [--batch 4] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from engines.onnxruntime_engine import OnnxRuntimeEngine  # noqa: E402
+from pipeline.config import parse_config  # noqa: E402
+from pipeline.graph import Pipeline  # noqa: E402
+from pipeline.model import prepare_model  # noqa: E402
+from stages.letterbox import letterbox_into  # noqa: E402
+from stages.postprocess import detect  # noqa: E402
+
+ASSETS = Path(os.environ.get("ASSETS_DIR", ROOT.parent / "shared" / "assets"))
+MODEL = ASSETS / "models" / "yolox_nano.onnx"
+LABELS = ASSETS / "models" / "coco_classes.txt"
+CLIP = ASSETS / "videos" / "one-by-one-person-detection.mp4"
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores, {cpu}, {platform.system()} {platform.machine()}"
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def clip_prefix(frames: int, out_dir: Path) -> Path:
+    """The first `frames` frames of the clip, remuxed without re-encoding (a shorter file)."""
+    target = out_dir / "clip.mp4"
+    with av.open(str(CLIP)) as src, av.open(str(target), "w") as dst:
+        stream_in = src.streams.video[0]
+        stream_out = dst.add_stream_from_template(stream_in)
+        count = 0
+        for packet in src.demux(stream_in):
+            if packet.dts is None:
+                continue
+            if packet.is_keyframe and count >= frames:
+                break
+            packet.stream = stream_out
+            dst.mux(packet)
+            count += 1
+    return target
+
+
+def count_frames(path: Path) -> int:
+    with av.open(str(path)) as c:
+        return sum(1 for _ in c.decode(video=0))
+
+
+def naive_loop(path: Path, engine, preset, hw) -> float:
+    slot = np.empty((1, hw[0], hw[1], 3), np.uint8)
+    start = time.perf_counter()
+    n = 0
+    with av.open(str(path)) as container:
+        for frame in container.decode(video=0):
+            image = frame.to_ndarray(format="bgr24")
+            geo = letterbox_into(image, slot[0], preset.align, preset.pad_value)
+            out = engine.infer(slot)[0]
+            detect(out[0], preset.layout, hw, geo, (image.shape[1], image.shape[0]), 0.3, 0.45, 300)
+            n += 1
+    return n / (time.perf_counter() - start)
+
+
+def engine_alone(path: Path, engine, preset, hw, batch: int) -> float:
+    images = []
+    with av.open(str(path)) as container:
+        for frame in container.decode(video=0):
+            slot = np.empty((hw[0], hw[1], 3), np.uint8)
+            letterbox_into(frame.to_ndarray(format="bgr24"), slot, preset.align, preset.pad_value)
+            images.append(slot)
+    stacked = np.stack(images)
+    engine.infer(stacked[:batch])  # warm-up
+    start = time.perf_counter()
+    for i in range(0, len(stacked), batch):
+        engine.infer(stacked[i : i + batch])
+    return len(stacked) / (time.perf_counter() - start)
+
+
+def pipeline_run(path: Path, threads: int, batch: int, spin: bool) -> float:
+    import logging
+
+    logging.getLogger("pipeline").setLevel(logging.WARNING)
+    config = parse_config({
+        "cameras": [{"id": "bench", "url": str(path)}],
+        "model": {"path": str(MODEL), "preset": "yolox", "labels": str(LABELS)},
+        "engine": {"kind": "onnxruntime", "intra_op_threads": threads, "max_batch": batch, "batch_timeout_ms": 20,
+                   "spin": spin},
+        "publish": {"bind": "tcp://127.0.0.1:0"},
+        "runtime": {"status_interval_s": 3600},
+    }, "bench.yaml")
+    pipeline = Pipeline(config)
+    start = time.perf_counter()
+    pipeline.start()
+    pipeline.wait()
+    elapsed = time.perf_counter() - start
+    return pipeline.publish.metrics.frames_out / elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--frames", type=int, default=600)
+    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (all variants)")
+    parser.add_argument("--batch", type=int, default=4, help="the pipeline's max_batch")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds; each round runs every variant once; medians reported")
+    parser.add_argument("--spin", action="store_true", help="let ONNX Runtime threads busy-wait (its default) in all variants")
+    parser.add_argument("--no-save", action="store_true")
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp())
+    clip = clip_prefix(args.frames, tmp)
+    n = count_frames(clip)
+    prepared1 = prepare_model(MODEL, "yolox", want_batch=1)
+    preparedn = prepare_model(MODEL, "yolox", want_batch=args.batch)
+    engine1 = OnnxRuntimeEngine(prepared1, 1, args.threads, spin=args.spin)
+    enginen = OnnxRuntimeEngine(preparedn, args.batch, args.threads, spin=args.spin)
+    preset, hw = prepared1.preset, prepared1.input_hw
+
+    variants = {
+        "naive loop (batch 1)": lambda: naive_loop(clip, engine1, preset, hw),
+        "ORT alone, batch 1": lambda: engine_alone(clip, engine1, preset, hw, 1),
+        f"ORT alone, batch {args.batch}": lambda: engine_alone(clip, enginen, preset, hw, args.batch),
+        f"pipeline (batch <= {args.batch})": lambda: pipeline_run(clip, args.threads, args.batch, args.spin),
+    }
+    results: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.repeat):  # interleaved rounds: drift on a noisy machine hits every variant alike
+        for name, fn in variants.items():
+            results[name].append(fn())
+    fps = {name: statistics.median(v) for name, v in results.items()}
+    naive = fps["naive loop (batch 1)"]
+    best_ort = max(fps["ORT alone, batch 1"], fps[f"ORT alone, batch {args.batch}"])
+    pipe = fps[f"pipeline (batch <= {args.batch})"]
+
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    header = f"{stamp} | {machine()} | commit {commit()} | {n} frames of {CLIP.name} | ORT threads {args.threads}, spinning {'on' if args.spin else 'off'} | median of {args.repeat}"
+    lines = [header, "", "| variant | fps (median) | runs | vs naive | vs best ORT alone |", "| --- | --- | --- | --- | --- |"]
+    for name, value in fps.items():
+        runs = ", ".join(f"{v:.1f}" for v in results[name])
+        lines.append(f"| {name} | {value:.1f} | {runs} | {value / naive:.2f}x | {value / best_ort:.0%} |")
+    lines.append("")
+    lines.append(f"pipeline / naive = {pipe / naive:.2f}x (target >= 1.4x); pipeline / best ORT alone = {pipe / best_ort:.0%} (target >= 90%)")
+    print("\n".join(lines))
+    if not args.no_save:
+        out = ROOT / "bench" / "results"
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "cpu.md", "a", encoding="utf-8") as f:
+            f.write("\n### " + "\n".join(lines) + "\n")
+        with open(out / "cpu.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"date": stamp, "machine": machine(), "commit": commit(), "frames": n, "threads": args.threads,
+                                "batch": args.batch, "fps_median": fps, "runs": results}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
