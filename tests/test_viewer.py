@@ -1,0 +1,158 @@
+"""Previews and the viewer: pairing, a headless recording, a real window under Xvfb, and a frozen
+subscriber that must not slow the pipeline. Everything runs the real CLI over real sockets."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+import pytest
+import zmq
+
+from conftest import PERSON_CLIP, ROOT, Subscriber, make_config, run_cli, start_cli
+from viewer.annotate import class_color
+from viewer.stream import LOST_AFTER_FRAMES, CameraStream
+
+PERSON = 0
+SHOW_LINE = re.compile(r"show (\S+) frame=(\d+) detections=(-?\d+)")
+
+
+# -- helpers --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def person_clip(tmp_path_factory) -> Path:
+    """Three seconds of the demo clip in which the person stands in view the whole time (frames 300-329)."""
+    out = tmp_path_factory.mktemp("clip") / "person.mp4"
+    with av.open(str(PERSON_CLIP)) as src, av.open(str(out), "w") as dst:
+        stream = dst.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 768, 432, "yuv420p"
+        stream.bit_rate = 4_000_000
+        for i, frame in enumerate(src.decode(video=0)):
+            if i >= 330:
+                break
+            if i >= 300:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame.to_ndarray(format="bgr24"), format="bgr24")):
+                    dst.mux(packet)
+        for packet in stream.encode():
+            dst.mux(packet)
+    return out
+
+
+def outline_fraction(image: np.ndarray, box, scale: float, color, offset=(0, 0), tolerance: int = 60) -> float:
+    """Share of points along the box's outline (inside the image) whose colour is `color`."""
+    x1, y1, x2, y2 = (v * scale for v in box)
+    ox, oy = offset
+    points = [(x, y) for x in np.linspace(x1 + 4, x2 - 4, 40) for y in (y1, y2)]
+    points += [(x, y) for y in np.linspace(y1 + 4, y2 - 4, 40) for x in (x1, x2)]
+    h, w = image.shape[:2]
+    hits = total = 0
+    for x, y in points:
+        px, py = int(round(x + ox)), int(round(y + oy))
+        if not (1 <= px < w - 1 and 1 <= py < h - 1):
+            continue
+        total += 1
+        patch = image[py - 1:py + 2, px - 1:px + 2].reshape(-1, 3).astype(int)  # the 2 px line, either side
+        if (np.abs(patch - np.array(color)).max(axis=1) <= tolerance).any():
+            hits += 1
+    return hits / max(total, 1)
+
+
+def preview_config(tmp_path: Path, clip: Path, **preview) -> tuple[Path, dict]:
+    return make_config(tmp_path, [{"id": "cam1", "url": str(clip), "realtime": True}],
+                       publish={"wait_subscribers": 3, "preview": {"enabled": True, "max_fps": 30, **preview}})
+
+
+def shown_frames(log: str) -> list[int]:
+    return [int(m.group(2)) for m in SHOW_LINE.finditer(log)]
+
+
+def finish(process: subprocess.Popen, timeout: float = 30) -> tuple[str, str]:
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+        pytest.fail(f"{process.args[2:4]} did not exit in {timeout} s:\n{err[-3000:]}")
+
+
+# -- pairing (pure logic) -------------------------------------------------------------------------
+def test_pairs_previews_with_detections_in_either_order_and_survives_restart():
+    stream = CameraStream("cam1")
+    det = lambda seq, frame: {"type": "detections", "camera": "cam1", "seq": seq, "frame": frame,
+                              "capture_time": time.time(), "detections": []}
+    prev = lambda seq, frame: {"type": "preview", "camera": "cam1", "seq": seq, "frame": frame}
+    assert stream.on_detections(det(10, 100)) == []  # joins mid-stream: seq 10 is no loss
+    assert [p.frame for p in stream.on_preview(prev(3, 100), b"jpeg")] == [100]  # detections came first
+    assert stream.on_preview(prev(4, 101), b"jpeg") == []  # preview first: it waits
+    paired = stream.on_detections(det(11, 101))
+    assert [(p.frame, p.detections["frame"]) for p in paired] == [(101, 101)]
+    assert stream.drops == 0
+    stream.on_preview(prev(6, 103), b"jpeg")  # preview seq 5 lost; detections of 103 will never come
+    assert stream.drops == 1
+    late = []
+    for seq, frame in enumerate(range(104, 104 + LOST_AFTER_FRAMES), start=13):  # detections seq 12 lost
+        late += stream.on_detections(det(seq, frame))
+    assert [(p.frame, p.detections) for p in late] == [(103, None)]  # shown without detections, not lost
+    assert stream.drops == 2 and stream.state == "live"
+    stream.on_detections({"type": "end", "camera": "cam1", "seq": 13 + LOST_AFTER_FRAMES})
+    assert stream.state == "ended"
+    stream.on_detections(det(0, 0))  # the publisher restarted: counters start over, nothing counted lost
+    assert (stream.state, stream.restarts, stream.drops) == ("live", 1, 2)
+    assert [p.frame for p in stream.on_preview(prev(0, 0), b"jpeg")] == [0]
+
+
+def test_previews_are_off_by_default_and_on_in_the_demo_config():
+    from pipeline.config import load_config, parse_config
+
+    demo = load_config(ROOT / "configs" / "demo.yaml")
+    assert demo.publish.preview.enabled
+    plain = parse_config({"cameras": [{"id": "a", "url": "x.mp4"}], "model": {"path": "m.onnx", "preset": "yolox"}})
+    assert not plain.publish.preview.enabled
+
+
+# -- headless recording ---------------------------------------------------------------------------
+def test_headless_recording_has_the_overlays_where_the_detections_say(tmp_path, person_clip, assets_present):
+    config, cfg = preview_config(tmp_path, person_clip)
+    endpoint = cfg["publish"]["bind"].replace("*", "127.0.0.1")
+    video, snaps = tmp_path / "out.mp4", tmp_path / "snaps"
+    env = {"DISPLAY": "", "WAYLAND_DISPLAY": ""}  # no display: recording turns headless by itself
+    viewer = start_cli("view", "--connect", endpoint, "--camera", "cam1", "--record", str(video), "--snapshot-dir",
+                       str(snaps), "--snapshot-every", "0", "--exit-on-end", "--log-level", "debug", env=env)
+    subscriber = Subscriber(endpoint, [b"det/cam1/"])
+    try:
+        result = run_cli("--config", str(config), timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        messages = subscriber.collect(lambda m: m[-1][1]["type"] == "end", timeout=30)
+    finally:
+        subscriber.close()
+    _out, err = finish(viewer)
+    assert viewer.returncode == 0, err[-2000:]
+    detections = {h["frame"]: h for _t, h in messages if h["type"] == "detections"}
+    shown = shown_frames(err)
+    assert len(shown) >= 20, err[-2000:]  # 30 frames at 10 fps, previews allowed up to 30 fps
+
+    with av.open(str(video)) as container:
+        recorded = [f.to_ndarray(format="bgr24") for f in container.decode(video=0)]
+    assert len(recorded) == len(shown)
+    assert recorded[0].shape == (360, 640, 3)  # previews are scaled to publish.preview.width
+    scale = 640 / 768
+    checked = 0
+    for image, frame in zip(recorded, shown):
+        for det in detections[frame]["detections"]:
+            if det["class_id"] != PERSON:
+                continue
+            assert outline_fraction(image, det["box"], scale, class_color(PERSON)) >= 0.8, f"frame {frame}"
+            # the control: the same outline moved by 20 px finds no box, so the check can fail
+            assert outline_fraction(image, det["box"], scale, class_color(PERSON), offset=(20, 20)) < 0.4
+            checked += 1
+    assert checked >= 20
+    snapshot_files = sorted(p.name for p in snaps.glob("cam1_*.png"))
+    assert snapshot_files == [f"cam1_{f:06d}.png" for f in sorted(set(shown))]
