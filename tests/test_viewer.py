@@ -156,3 +156,81 @@ def test_headless_recording_has_the_overlays_where_the_detections_say(tmp_path, 
     assert checked >= 20
     snapshot_files = sorted(p.name for p in snaps.glob("cam1_*.png"))
     assert snapshot_files == [f"cam1_{f:06d}.png" for f in sorted(set(shown))]
+
+
+# -- a real window under Xvfb ---------------------------------------------------------------------
+@pytest.fixture
+def xvfb():
+    """A private X display (Xvfb picks a free number and reports it on a pipe)."""
+    if shutil.which("Xvfb") is None:
+        pytest.skip("Xvfb is not installed (apt-get install xvfb)")
+    read_end, write_end = os.pipe()
+    server = subprocess.Popen(["Xvfb", "-displayfd", str(write_end), "-screen", "0", "1024x600x24", "-nolisten", "tcp"],
+                              pass_fds=(write_end,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        number = pipe.readline().strip()
+    assert number, "Xvfb did not start"
+    try:
+        yield f":{number}"
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def capture_screen(display: str, path: Path) -> np.ndarray:
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-f", "x11grab", "-video_size", "1024x600", "-i", display,
+                    "-frames:v", "1", str(path)], check=True, timeout=30)
+    return cv2.imread(str(path))
+
+
+def find_outline(screen: np.ndarray, width: int, height: int, color, tolerance: int = 40) -> tuple[float, tuple[int, int]]:
+    """Where on the screen a width x height rectangle outline of `color` best fits: (share of it found, top-left)."""
+    mask = (np.abs(screen.astype(int) - np.array(color)).max(axis=2) <= tolerance).astype(np.float32)
+    template = np.zeros((height, width), np.float32)
+    cv2.rectangle(template, (0, 0), (width - 1, height - 1), 1.0, 1)
+    scores = cv2.matchTemplate(mask, template, cv2.TM_CCORR)
+    _min, best, _minloc, where = cv2.minMaxLoc(scores)
+    return best / template.sum(), where
+
+
+def test_window_under_xvfb_shows_the_person_box_and_q_quits(tmp_path, person_clip, xvfb, assets_present):
+    if shutil.which("ffmpeg") is None:
+        pytest.fail("ffmpeg (x11grab) is needed to capture the screen: apt-get install ffmpeg")
+    config, cfg = preview_config(tmp_path, person_clip)
+    endpoint = cfg["publish"]["bind"]
+    env = {"DISPLAY": xvfb, "QT_QPA_PLATFORM": "xcb"}
+    viewer = start_cli("view", "--connect", endpoint, "--camera", "cam1", "--log-level", "debug", env=env)
+    subscriber = Subscriber(endpoint, [b"det/cam1/"])
+    try:
+        result = run_cli("--config", str(config), timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        messages = subscriber.collect(lambda m: m[-1][1]["type"] == "end", timeout=30)
+    finally:
+        subscriber.close()
+    time.sleep(1.5)  # the viewer has drawn the last frame and keeps showing it
+    assert viewer.poll() is None, viewer.communicate()[1][-2000:]
+    screen = capture_screen(xvfb, tmp_path / "screen.png")
+    window = subprocess.run(["xdotool", "search", "--name", "vapipe cam1", "getwindowgeometry", "--shell"],
+                            capture_output=True, text=True, env={**os.environ, **env}) if shutil.which("xdotool") else None
+    if window is not None:  # q quits (keyboard focus follows the pointer: there is no window manager)
+        subprocess.run(["xdotool", "mousemove", "100", "100", "key", "q"], env={**os.environ, **env}, check=True)
+    else:
+        viewer.send_signal(signal.SIGTERM)
+    _out, err = finish(viewer, timeout=10)
+    assert viewer.returncode == 0, err[-2000:]
+
+    shown = shown_frames(err)
+    assert shown, err[-2000:]
+    detections = {h["frame"]: h for _t, h in messages if h["type"] == "detections"}
+    people = [d for d in detections[shown[-1]]["detections"] if d["class_id"] == PERSON]
+    assert people, f"frame {shown[-1]} has no person"
+    scale = 640 / 768
+    x1, y1, x2, y2 = (v * scale for v in people[0]["box"])
+    found, (x, y) = find_outline(screen, int(round(x2 - x1)) + 1, int(round(y2 - y1)) + 1, class_color(PERSON))
+    assert found >= 0.8, f"no {class_color(PERSON)} outline of the person's size on screen (best {found:.2f})"
+    origin = (0, 0)
+    if window is not None and window.returncode == 0:
+        geometry = dict(line.split("=", 1) for line in window.stdout.split())
+        origin = (int(geometry["X"]), int(geometry["Y"]))
+    assert abs(x - (origin[0] + x1)) <= 3 and abs(y - (origin[1] + y1)) <= 3, (x, y, origin, (x1, y1))
