@@ -72,7 +72,9 @@ def encode_preview(frame: Frame, image, config: PreviewConfig, seq: int) -> tupl
     src_h, src_w = image.shape[:2]
     if src_w > config.width:
         height = max(1, round(src_h * config.width / src_w))
-        image = cv2.resize(image, (config.width, height), interpolation=cv2.INTER_AREA)
+        # bilinear is 5x cheaper than INTER_AREA and alias-free down to half size; beyond that, area
+        shrink = cv2.INTER_LINEAR if config.width * 2 >= src_w else cv2.INTER_AREA
+        image = cv2.resize(image, (config.width, height), interpolation=shrink)
     ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, config.jpeg_quality])
     if not ok:
         raise RuntimeError("JPEG encoding failed")
