@@ -3,6 +3,7 @@
 
     python run.py --config configs/demo.yaml          run the pipeline
     python run.py subscribe --camera demo             print the detections a camera publishes
+    python run.py view --camera demo                  watch a camera: preview frames with detections drawn
 """
 
 from __future__ import annotations
@@ -109,6 +110,13 @@ def cmd_subscribe(args) -> int:
     return 0
 
 
+def cmd_view(args) -> int:
+    from viewer.app import run_viewer  # OpenCV windows: imported only by the command that needs them
+
+    _setup_logging(args.log_level or "info")
+    return run_viewer(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -129,6 +137,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--summary", action="store_true", help="one short line per message instead of the JSON header")
     sub.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     sub.set_defaults(func=cmd_subscribe)
+
+    view = commands.add_parser("view", help="show cameras' preview frames with their detections drawn (or record them)")
+    view.add_argument("--connect", action="append", metavar="ENDPOINT",
+                      help="publisher endpoint; repeat for several (default: tcp://127.0.0.1:5555)")
+    view.add_argument("--camera", action="append", help="camera id; repeat for several; default: all cameras")
+    view.add_argument("--prefix", default="det", help="detections topic prefix (publish.topic_prefix; default: %(default)s)")
+    view.add_argument("--preview-prefix", default="preview",
+                      help="preview topic prefix (publish.preview.topic_prefix; default: %(default)s)")
+    view.add_argument("--headless", action="store_true",
+                      help="no windows (implied by --record/--snapshot-dir when DISPLAY is not set)")
+    view.add_argument("--record", metavar="FILE.mp4", help="write the annotated frames to a video (.mp4 or .avi); "
+                      "with several cameras one file each, FILE-<camera>.mp4")
+    view.add_argument("--record-fps", type=float, default=10.0, help="frame rate of the recording (default: %(default)s)")
+    view.add_argument("--snapshot-dir", metavar="DIR", help="save annotated frames as DIR/<camera>_<frame>.png")
+    view.add_argument("--snapshot-every", type=float, default=1.0, metavar="SECONDS",
+                      help="at most one snapshot per camera this often; 0 = every frame shown (default: %(default)s)")
+    view.add_argument("--width", type=int, default=640, help="canvas width when a camera publishes no previews")
+    view.add_argument("--exit-on-end", action="store_true", help="exit once every camera has sent its end message")
+    view.add_argument("--duration", type=float, metavar="SECONDS", help="exit after this many seconds")
+    view.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    view.set_defaults(func=cmd_view)
     return parser
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
 
@@ -68,12 +68,29 @@ class EngineConfig(_Strict):
     batch_timeout_ms: Annotated[float, Field(ge=0)] = 10.0
 
 
+class PreviewConfig(_Strict):
+    """Optional JPEG preview frames for viewers, on their own topic (`<topic_prefix>/<camera>/`)."""
+
+    enabled: bool = False
+    width: Annotated[int, Field(ge=16, le=7680)] = 640  # scaled down to this width (never up)
+    max_fps: Annotated[float, Field(gt=0, le=120)] = 10.0  # per camera, wall clock
+    jpeg_quality: Annotated[int, Field(ge=1, le=100)] = 80
+    topic_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] = "preview"
+
+
 class PublishConfig(_Strict):
     bind: str = "tcp://127.0.0.1:5555"
     send_hwm: Annotated[int, Field(ge=1)] = 1000
     wait_subscribers: Annotated[int, Field(ge=0)] = 0
     wait_timeout_s: Annotated[float, Field(gt=0)] = 10.0
     topic_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] = "det"
+    preview: PreviewConfig = PreviewConfig()
+
+    @model_validator(mode="after")
+    def _distinct_topics(self) -> "PublishConfig":
+        if self.preview.enabled and self.preview.topic_prefix == self.topic_prefix:
+            raise ValueError("preview.topic_prefix must differ from topic_prefix")
+        return self
 
 
 class RuntimeConfig(_Strict):

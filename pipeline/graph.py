@@ -62,13 +62,14 @@ class Pipeline:
         detected = BoundedQueue(size * max(1, self.engine.max_batch), name="detected")
         self.batch = BatchStage(FanIn([s.outbox for s in self.sources]), batched, self.engine.max_batch,
                                 config.engine.batch_timeout_ms / 1000.0)
-        self.letterbox = LetterboxStage(batched, boxed, self.pool, model.preset)
+        previews = config.publish.preview.enabled  # previews need the decoded image until publish
+        self.letterbox = LetterboxStage(batched, boxed, self.pool, model.preset, keep_images=previews)
         self.infer = InferStage(boxed, inferred, self.engine, self.pool)
         self.postprocess = PostprocessStage(inferred, detected, model.preset.layout, model.input_hw, model.preset.strides,
                                             config.model.conf_threshold, config.model.nms_iou, config.model.max_detections,
                                             config.model.classes)
         self.publish = PublishStage(detected, self.socket, self.labels, config.publish.topic_prefix,
-                                    [c.id for c in config.cameras])
+                                    [c.id for c in config.cameras], config.publish.preview)
         self.stages = [*self.sources, self.batch, self.letterbox, self.infer, self.postprocess, self.publish]
         self.status = StatusReporter([s.metrics for s in self.stages], self.publish.metrics)
 
@@ -123,4 +124,6 @@ class Pipeline:
     def snapshot(self) -> dict:
         summary = self.status.summary()
         summary["cameras"] = {s.camera.id: s.snapshot() for s in self.sources}
+        if self.publish.preview is not None:
+            summary["previews_sent"] = self.publish.previews_sent
         return summary

@@ -6,6 +6,12 @@ from matching `cam10`. Messages are multipart `[topic, header]`, the header UTF-
 schema documented in README.md (`SCHEMA` below). Sends are non-blocking with a high-water mark;
 a send ZeroMQ refuses is dropped and counted. ZeroMQ also drops silently, per subscriber, when one
 subscriber's own queue is full; the per-topic `seq` lets each subscriber count its own losses.
+
+With `publish.preview.enabled`, a camera's frame also goes out as a JPEG preview on
+`preview/<camera>/` (`[topic, header, jpeg]`, schema `PREVIEW_SCHEMA`), scaled down and at most
+`max_fps` a camera, right after that frame's detections. Encoding happens here, only for the
+frames the rate limit lets through (a few milliseconds, a few times a second), so the hot path
+stays cheap; the decoded image is dropped as soon as it has been looked at.
 """
 
 from __future__ import annotations
@@ -14,9 +20,10 @@ import json
 import logging
 import time
 
+import cv2
 import zmq
 
-from pipeline.config import PublishConfig
+from pipeline.config import PreviewConfig, PublishConfig
 from pipeline.errors import PublishError
 from pipeline.queues import BoundedQueue
 from pipeline.record import Frame
@@ -25,6 +32,7 @@ from pipeline.stage import Stage
 log = logging.getLogger("pipeline")
 
 SCHEMA = "vapipe.detections/1"
+PREVIEW_SCHEMA = "vapipe.preview/1"
 
 
 def topic_for(prefix: str, camera: str) -> bytes:
@@ -59,6 +67,34 @@ def to_message(frame: Frame, labels: list[str], seq: int) -> dict:
     }
 
 
+def encode_preview(frame: Frame, image, config: PreviewConfig, seq: int) -> tuple[dict, bytes]:
+    """Scale the frame's image down to `config.width` and JPEG-encode it; returns (header, jpeg)."""
+    src_h, src_w = image.shape[:2]
+    if src_w > config.width:
+        height = max(1, round(src_h * config.width / src_w))
+        # bilinear is 5x cheaper than INTER_AREA and alias-free down to half size; beyond that, area
+        shrink = cv2.INTER_LINEAR if config.width * 2 >= src_w else cv2.INTER_AREA
+        image = cv2.resize(image, (config.width, height), interpolation=shrink)
+    ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, config.jpeg_quality])
+    if not ok:
+        raise RuntimeError("JPEG encoding failed")
+    header = {
+        "schema": PREVIEW_SCHEMA,
+        "type": "preview",
+        "camera": frame.camera,
+        "seq": seq,
+        "frame": frame.index,
+        "pts": frame.pts,
+        "capture_time": frame.capture_time,
+        "publish_time": time.time(),
+        "width": image.shape[1],
+        "height": image.shape[0],
+        "source_width": frame.source_size[0],
+        "source_height": frame.source_size[1],
+    }
+    return header, jpeg.tobytes()
+
+
 def bind_publisher(config: PublishConfig, context: zmq.Context | None = None) -> zmq.Socket:
     context = context or zmq.Context.instance()
     socket = context.socket(zmq.XPUB)
@@ -90,20 +126,42 @@ def wait_for_subscribers(socket: zmq.Socket, count: int, timeout_s: float) -> in
 class PublishStage(Stage):
     name = "publish"
 
-    def __init__(self, inbox: BoundedQueue, socket: zmq.Socket, labels: list[str], prefix: str, cameras: list[str]):
+    def __init__(self, inbox: BoundedQueue, socket: zmq.Socket, labels: list[str], prefix: str, cameras: list[str],
+                 preview: PreviewConfig | None = None):
         super().__init__(inbox, None)
         self.socket = socket
         self.labels = labels
         self.topics = {camera: topic_for(prefix, camera) for camera in cameras}
         self.seq = {camera: 0 for camera in cameras}
+        self.preview = preview if preview is not None and preview.enabled else None
+        if self.preview is not None:
+            self.preview_topics = {camera: topic_for(self.preview.topic_prefix, camera) for camera in cameras}
+            self.preview_seq = {camera: 0 for camera in cameras}
+            self.preview_due = {camera: 0.0 for camera in cameras}  # monotonic time the next one may go
+            self.previews_sent = 0
 
-    def _send(self, topic: bytes, header: dict) -> bool:
+    def _send(self, topic: bytes, header: dict, *payload: bytes, reason: str = "send_full") -> bool:
         try:
-            self.socket.send_multipart([topic, json.dumps(header, separators=(",", ":")).encode()], flags=zmq.NOBLOCK)
+            self.socket.send_multipart([topic, json.dumps(header, separators=(",", ":")).encode(), *payload],
+                                       flags=zmq.NOBLOCK)
             return True
         except zmq.Again:
-            self.metrics.drop("send_full")
+            self.metrics.drop(reason)
             return False
+
+    def _send_preview(self, frame: Frame) -> None:
+        image, frame.image = frame.image, None  # the pipeline keeps no decoded image past this point
+        now = time.monotonic()
+        camera = frame.camera
+        if image is None or now < self.preview_due[camera]:
+            return
+        # a fixed grid of send times (not "last + interval") keeps the rate at max_fps on average
+        interval = 1.0 / self.preview.max_fps
+        self.preview_due[camera] = max(self.preview_due[camera] + interval, now - interval)
+        header, jpeg = encode_preview(frame, image, self.preview, self.preview_seq[camera])
+        self.preview_seq[camera] += 1
+        if self._send(self.preview_topics[camera], header, jpeg, reason="preview_send_full"):
+            self.previews_sent += 1
 
     def process(self, frame: Frame) -> None:
         frame.mark("publish")
@@ -112,6 +170,8 @@ class PublishStage(Stage):
         if self._send(self.topics[frame.camera], message):
             self.metrics.items_out += 1
             self.metrics.frames_out += 1
+        if self.preview is not None:
+            self._send_preview(frame)  # after the detections, so a viewer usually has them first
 
     def on_idle(self) -> None:
         self._drain_subscriptions()
