@@ -78,11 +78,33 @@ class Pipeline:
             stage.start()
 
     def stop(self) -> None:
+        """Stop the sources and let the rest drain what they already accepted.
+
+        Closing the camera queues here (not only in each source thread) means a reader blocked in
+        a network read, for up to its read timeout, never holds back the drain.
+        """
         self.stop_event.set()
+        for source in self.sources:
+            source.outbox.close()
 
     @property
     def finished(self) -> bool:
-        return not any(stage.alive for stage in self.stages)
+        # the sources are not waited for: once their queues are closed and drained, the graph is done
+        return not any(stage.alive for stage in self.stages[len(self.sources):])
+
+    def join_sources(self, timeout: float) -> list[str]:
+        """Wait up to `timeout` for the source threads; return the cameras whose reader is still blocked."""
+        deadline = time.monotonic() + timeout
+        for source in self.sources:
+            source.join(max(0.0, deadline - time.monotonic()))
+        return [s.camera.id for s in self.sources if s.alive]
+
+    def status_line(self) -> str:
+        cameras = " ".join(
+            f"{s.camera.id}={s.state.value}/f{s.next_index}/r{s.reconnects}/d{sum(s.metrics.drops.values())}"
+            for s in self.sources
+        )
+        return f"{self.status.line()} cameras[state/frames/reconnects/drops]: {cameras}"
 
     def failure(self) -> BaseException | None:
         for stage in self.stages:
@@ -111,7 +133,7 @@ class Pipeline:
                 self.pool.close()
                 return False
             if now >= next_status:
-                log.info("%s", self.status.line())
+                log.info("%s", self.status_line())
                 next_status = now + interval
         return True
 
