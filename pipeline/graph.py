@@ -19,7 +19,7 @@ from pipeline.buffers import HostSlotPool
 from pipeline.config import Config
 from pipeline.metrics import StatusReporter
 from pipeline.model import prepare_model, read_labels
-from pipeline.queues import BoundedQueue, FanIn
+from pipeline.queues import BoundedQueue, Credits, FanIn
 from stages.batch import BatchStage
 from stages.infer import InferStage
 from stages.letterbox import LetterboxStage
@@ -55,8 +55,10 @@ class Pipeline:
         boxed = BoundedQueue(size, name="letterboxed")
         inferred = BoundedQueue(size, name="inferred")
         detected = BoundedQueue(size * max(1, self.engine.max_batch), name="detected")
+        # live frames must not queue between stages: they wait in the camera queues (newest kept)
+        credits = Credits(config.runtime.live_batches_in_flight) if any(c.is_live for c in config.cameras) else None
         self.batch = BatchStage(FanIn([s.outbox for s in self.sources]), batched, self.engine.max_batch,
-                                config.engine.batch_timeout_ms / 1000.0)
+                                config.engine.batch_timeout_ms / 1000.0, credits)
         self.letterbox = LetterboxStage(batched, boxed, self.pool, model.preset)
         self.infer = InferStage(boxed, inferred, self.engine, self.pool)
         self.postprocess = PostprocessStage(inferred, detected, model.preset.layout, model.input_hw, model.preset.strides,

@@ -65,9 +65,10 @@ def _open_arguments(camera: CameraConfig) -> dict:
         return {"format": "v4l2", "timeout": (camera.open_timeout_s, _read_timeout(camera))}
     if "://" not in url or url.startswith("file://"):
         return {}
-    # FFmpeg's socket I/O timeout, in MICROseconds ("stimeout" is silently ignored by FFmpeg 8);
-    # PyAV's `timeout=(open, read)` interrupts a blocked call on its own clock as well.
-    options = {"timeout": str(int(_read_timeout(camera) * 1_000_000))}
+    # FFmpeg's socket I/O timeout, in MICROseconds ("stimeout" is silently ignored by FFmpeg 8).
+    # A frozen RTSP server raises TimeoutError after about TWICE this value (measured), so it is
+    # set to half the read timeout; PyAV's `timeout=(open, read)` is a second bound on every call.
+    options = {"timeout": str(int(_read_timeout(camera) * 1_000_000 / 2))}
     if url.startswith(("rtsp://", "rtsps://")):
         options["rtsp_transport"] = camera.rtsp_transport
         options["analyzeduration"] = "200000"  # first frame in ~0.3 s instead of ~1.2 s

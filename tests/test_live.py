@@ -115,3 +115,99 @@ def test_server_killed_and_restarted_five_times(tmp_path, rtsp_server):
     print(f"recoveries {recoveries} healthy max gap {max_gap(healthy):.3f}s", summary["cameras"])
     assert summary["cameras"]["flaky"]["reconnects"] >= 5
     assert summary["cameras"]["healthy"]["reconnects"] == 0
+
+
+@pytest.mark.slow
+def test_frozen_server_is_detected_and_reconnected_without_hang(tmp_path, rtsp_server):
+    from pipeline.config import load_config
+    from pipeline.graph import Pipeline
+
+    server = rtsp_server(fps=15)
+    stall_s = 1.0
+    config, data = make_config(tmp_path, [live_camera("cam", server.url(), stall_timeout_s=stall_s, open_timeout_s=1)])
+    pipeline = Pipeline(load_config(config))
+    collector = Collector(data["publish"]["bind"])
+    pipeline.start()
+    source = pipeline.sources[0]
+    try:
+        assert collector.wait_for("cam", count=5) is not None
+        server.freeze()
+        frozen_at = time.monotonic()
+        while source.state.value == "running" and time.monotonic() - frozen_at < 10:
+            time.sleep(0.02)
+        detected_after = time.monotonic() - frozen_at
+        # PyAV's read timeout (bounded by stall_timeout_s) interrupts the blocked read
+        assert source.state.value == "reconnecting", source.snapshot()
+        assert detected_after < stall_s + 1.0, f"stall detected after {detected_after:.2f} s"
+        assert "read failed (timed out)" in source.last_error or "stalled" in source.last_error, source.last_error
+        time.sleep(1.5)  # a few reconnect attempts against the frozen server: each bounded by open_timeout_s
+        server.thaw()
+        thawed = time.time()
+        assert collector.wait_for("cam", since=thawed, count=3, timeout=10) is not None, source.snapshot()
+        assert source.reconnects >= 1
+        server.freeze()  # and stop while the reader is blocked on the frozen server: no hang
+        time.sleep(0.3)
+        stopping = time.monotonic()
+        stop_requested = threading.Event()
+        stop_requested.set()
+        drained = pipeline.wait(stop_requested=stop_requested)
+        stopped_after = time.monotonic() - stopping
+    finally:
+        pipeline.stop()
+        collector.close()
+    print(f"stall detected after {detected_after:.2f} s (stall_timeout_s={stall_s}); stopped in {stopped_after:.2f} s")
+    assert drained and stopped_after < pipeline.config.runtime.shutdown_deadline_s, stopped_after
+    assert pipeline.join_sources(timeout=stall_s + 1.0) == [], "reader still blocked after its read timeout"
+
+
+@pytest.mark.slow
+def test_camera_that_never_connects_does_not_slow_the_others(tmp_path, rtsp_server):
+    server = rtsp_server(fps=15)
+    secret = "s3cr3t-pass"
+    dead_url = f"rtsp://admin:{secret}@127.0.0.1:{free_port_closed()}/live"
+    wrong_path = server.url("no-such-mount", credentials=f"admin:{secret}")
+    cameras = [live_camera("healthy", server.url()),
+               live_camera("dead", dead_url, reconnect_base_s=0.1, reconnect_cap_s=1.0),
+               live_camera("wrongpath", wrong_path, reconnect_base_s=0.1, reconnect_cap_s=1.0)]
+    config, data = make_config(tmp_path, cameras, runtime={"status_interval_s": 1})
+    summary_path = tmp_path / "summary.json"
+    collector = Collector(data["publish"]["bind"])
+    started = time.monotonic()
+    proc = start_cli("--config", str(config), "--summary-json", str(summary_path))
+    try:
+        assert collector.wait_for("healthy", count=5) is not None
+        window_start = time.time()
+        time.sleep(6.0)
+        window_end = time.time()
+        code, err, _took = stop_cli(proc)
+        ran_s = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        collector.close()
+    assert code == 0, err[-2000:]
+    healthy = [m for m in collector.frames("healthy", window_start) if m["capture_time"] <= window_end]
+    rate = len(healthy) / (window_end - window_start)
+    assert rate > 15 * 0.85, f"healthy camera at {rate:.1f} fps of 15"
+    assert max_gap(healthy) < 0.5
+    summary = json.loads(summary_path.read_text())
+    for cam in ("dead", "wrongpath"):
+        stats = summary["cameras"][cam]
+        assert stats["frames"] == 0 and stats["reconnects"] == 0
+        # backoff 0.1 s doubling to a 1 s cap (jitter 50-100 %): a handful of attempts, not hundreds
+        assert 4 <= stats["failed_attempts"] <= 6 + ran_s / 0.5, stats
+    # one clear line per camera and class of failure, redacted; none of them repeats
+    lines = [line for line in err.splitlines() if "cannot open" in line]
+    assert len([line for line in lines if "camera dead:" in line]) == 1, lines
+    assert len([line for line in lines if "camera wrongpath:" in line]) == 1, lines
+    assert any("connection refused" in line and "rtsp://***@127.0.0.1" in line for line in lines), lines
+    assert any("not found" in line for line in lines if "wrongpath" in line), lines
+    everything = err + summary_path.read_text() + json.dumps([m for _t, m in collector.messages])
+    assert secret not in everything and "admin" not in everything
+
+
+def free_port_closed() -> int:
+    """A port that nothing listens on (connection refused at once)."""
+    from conftest import free_port
+
+    return free_port()
