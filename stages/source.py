@@ -230,6 +230,12 @@ class SourceStage(Stage):
                 started = time.perf_counter()  # the next frame's cost starts after this one left
         return "stopped"
 
+    def emit(self, frame: Frame) -> None:
+        accepted = self.metrics.items_out
+        super().emit(frame)
+        if self.metrics.items_out == accepted:  # refused by a queue closed for shutdown: still counted
+            self.metrics.drop("stopped")
+
     def snapshot(self) -> dict:
         """Per-camera statistics: state, reconnects, frames, drops (by reason) and retry state."""
         return {
