@@ -53,8 +53,13 @@ def cmd_run(args) -> int:
              pipeline.engine.name, pipeline.engine.max_batch, config.publish.bind)
     pipeline.start()
     drained = pipeline.wait(stop_requested=stop_requested)
+    blocked = pipeline.join_sources(timeout=0.5)
+    if blocked:  # a reader in a network read returns within its read timeout; do not wait for it
+        log.warning("camera(s) %s: reader still in a network read at exit; abandoned", ", ".join(blocked))
     summary = pipeline.snapshot()
-    log.info("done: %s", pipeline.status.line())
+    # what is still running besides this thread (stray threads are a bug; a blocked reader is named above)
+    summary["threads_alive"] = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
+    log.info("done: %s", pipeline.status_line())
     if args.summary_json:
         with open(args.summary_json, "w", encoding="utf-8") as handle:
             json.dump(summary, handle, indent=2, default=str)

@@ -21,7 +21,7 @@ from pipeline.config import Config
 from pipeline.errors import ConfigError
 from pipeline.metrics import StatusReporter
 from pipeline.model import prepare_model, read_labels
-from pipeline.queues import BoundedQueue, FanIn
+from pipeline.queues import BoundedQueue, Credits, FanIn
 from stages.batch import BatchStage
 from stages.infer import InferStage
 from stages.letterbox import LetterboxStage
@@ -60,8 +60,10 @@ class Pipeline:
         boxed = BoundedQueue(size, name="letterboxed")
         inferred = BoundedQueue(size, name="inferred")
         detected = BoundedQueue(size * max(1, self.engine.max_batch), name="detected")
+        # live frames must not queue between stages: they wait in the camera queues (newest kept)
+        credits = Credits(config.runtime.live_batches_in_flight) if any(c.is_live for c in config.cameras) else None
         self.batch = BatchStage(FanIn([s.outbox for s in self.sources]), batched, self.engine.max_batch,
-                                config.engine.batch_timeout_ms / 1000.0)
+                                config.engine.batch_timeout_ms / 1000.0, credits)
         previews = config.publish.preview.enabled  # previews need the decoded image until publish
         self.letterbox = LetterboxStage(batched, boxed, self.pool, model.preset, keep_images=previews)
         self.infer = InferStage(boxed, inferred, self.engine, self.pool)
@@ -84,11 +86,33 @@ class Pipeline:
             stage.start()
 
     def stop(self) -> None:
+        """Stop the sources and let the rest drain what they already accepted.
+
+        Closing the camera queues here (not only in each source thread) means a reader blocked in
+        a network read, for up to its read timeout, never holds back the drain.
+        """
         self.stop_event.set()
+        for source in self.sources:
+            source.outbox.close()
 
     @property
     def finished(self) -> bool:
-        return not any(stage.alive for stage in self.stages)
+        # the sources are not waited for: once their queues are closed and drained, the graph is done
+        return not any(stage.alive for stage in self.stages[len(self.sources):])
+
+    def join_sources(self, timeout: float) -> list[str]:
+        """Wait up to `timeout` for the source threads; return the cameras whose reader is still blocked."""
+        deadline = time.monotonic() + timeout
+        for source in self.sources:
+            source.join(max(0.0, deadline - time.monotonic()))
+        return [s.camera.id for s in self.sources if s.alive]
+
+    def status_line(self) -> str:
+        cameras = " ".join(
+            f"{s.camera.id}={s.state.value}/f{s.next_index}/r{s.reconnects}/d{sum(s.metrics.drops.values())}"
+            for s in self.sources
+        )
+        return f"{self.status.line()} cameras[state/frames/reconnects/drops]: {cameras}"
 
     def failure(self) -> BaseException | None:
         for stage in self.stages:
@@ -117,7 +141,7 @@ class Pipeline:
                 self.pool.close()
                 return False
             if now >= next_status:
-                log.info("%s", self.status.line())
+                log.info("%s", self.status_line())
                 next_status = now + interval
         return True
 

@@ -102,6 +102,25 @@ class BoundedQueue:
             return len(self._items)
 
 
+class Credits:
+    """A bound on batches in flight from batching to the end of inference (live cameras).
+
+    The batch stage takes a credit before it starts a batch and inference gives it back, so frames
+    wait in the camera queues, where the oldest is dropped, instead of piling up between stages:
+    a live frame's latency stays about two frame intervals plus `count` batches of processing.
+    """
+
+    def __init__(self, count: int):
+        self.count = count
+        self._semaphore = threading.BoundedSemaphore(count)
+
+    def acquire(self, timeout: float | None = None) -> bool:
+        return self._semaphore.acquire(timeout=timeout)
+
+    def release(self) -> None:
+        self._semaphore.release()
+
+
 class FanIn:
     """Round-robin reader over several queues (one per camera), for a stage that merges cameras.
 

@@ -72,6 +72,12 @@ class FrameBatch:
     frames: list[Frame]
     slot: object | None = None  # a pipeline.buffers.HostSlot while the batch owns one
     outputs: list[np.ndarray] | None = None  # raw engine outputs, batch-major
+    credit: object | None = None  # a pipeline.queues.Credits held from batching until inference is done
+
+    def release_credit(self) -> None:
+        if self.credit is not None:
+            self.credit.release()
+            self.credit = None
 
     def __len__(self) -> int:
         return len(self.frames)

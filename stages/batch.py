@@ -1,14 +1,16 @@
 """Batch stage: groups frames from all cameras into batches of up to `max_batch`.
 
 A batch is sent when it is full or when `timeout` has passed since its first frame, so a camera
-that stalls never holds the others back. Frames of one camera keep their order.
+that stalls never holds the others back. Frames of one camera keep their order. With `credits`
+(live cameras) a batch is only started once fewer than `credits.count` batches are in flight, so
+frames wait where the newest are kept: in the camera queues.
 """
 
 from __future__ import annotations
 
 import time
 
-from pipeline.queues import CLOSED, BoundedQueue, FanIn
+from pipeline.queues import CLOSED, BoundedQueue, Credits, FanIn
 from pipeline.record import Frame, FrameBatch
 from pipeline.stage import Stage
 
@@ -16,15 +18,29 @@ from pipeline.stage import Stage
 class BatchStage(Stage):
     name = "batch"
 
-    def __init__(self, inbox: FanIn, outbox: BoundedQueue, max_batch: int, timeout_s: float):
+    def __init__(self, inbox: FanIn, outbox: BoundedQueue, max_batch: int, timeout_s: float, credits: Credits | None = None):
         super().__init__(inbox, outbox)
         self.max_batch = max_batch
         self.timeout_s = timeout_s
+        self.credits = credits
+        self._holding_credit = False
         self._pending: list[Frame] = []
         self._deadline = 0.0
 
     def loop(self) -> None:
+        try:
+            self._loop()
+        finally:
+            if self._holding_credit and not self._pending:
+                self._holding_credit = False
+                self.credits.release()
+
+    def _loop(self) -> None:
         while True:
+            if self.credits is not None and not self._holding_credit:
+                if not self.credits.acquire(timeout=0.5):
+                    continue  # every batch in flight is still being inferred; frames wait upstream
+                self._holding_credit = True
             wait = None if not self._pending else max(0.0, self._deadline - time.monotonic())
             item = self.inbox.get(timeout=wait if wait is not None else 0.5)
             if item is CLOSED:
@@ -43,6 +59,8 @@ class BatchStage(Stage):
 
     def _send(self) -> None:
         batch, self._pending = FrameBatch(self._pending), []
+        if self._holding_credit:
+            batch.credit, self._holding_credit = self.credits, False
         waited = time.monotonic() - batch.frames[0].marks["batch"]
         self.metrics.record_latency(waited)
         self.emit(batch)

@@ -31,11 +31,13 @@ class InferStage(Stage):
         finally:
             self.pool.release(batch.slot)
             batch.slot = None
+            batch.release_credit()
         for frame in batch.frames:
             frame.mark("infer")
         self.emit(batch)
 
     def discard(self, batch: FrameBatch) -> None:
+        batch.release_credit()
         if batch.slot is not None:
             self.pool.release(batch.slot)
             batch.slot = None

@@ -80,6 +80,7 @@ class LetterboxStage(Stage):
         self.emit(batch)
 
     def discard(self, batch: FrameBatch) -> None:
+        batch.release_credit()
         if batch.slot is not None:
             self.pool.release(batch.slot)
             batch.slot = None

@@ -35,24 +35,49 @@ def redact(text: str) -> str:
 
 
 class SourceState(enum.Enum):
-    CONNECTING = "connecting"
-    RUNNING = "running"
-    RECONNECTING = "reconnecting"
-    ENDED = "ended"
-    FAILED = "failed"
+    CONNECTING = "connecting"  # first attempt to open
+    RUNNING = "running"  # frames are flowing
+    RECONNECTING = "reconnecting"  # lost (or never had) the stream: waiting out a backoff, then opening again
+    ENDED = "ended"  # stopped, or a file read to its end
+    FAILED = "failed"  # a file that cannot be read: the run cannot go on
 
 
-def _open_options(camera: CameraConfig) -> dict:
-    if camera.url.startswith("rtsp://") or camera.url.startswith("rtsps://"):
-        return {
-            "rtsp_transport": camera.rtsp_transport,
-            # FFmpeg's socket I/O timeout, in microseconds (a frozen server otherwise hangs reads)
-            "timeout": str(int(camera.read_timeout_s * 1_000_000)),
-            "analyzeduration": "200000",
-        }
-    if "://" in camera.url:
-        return {"timeout": str(int(camera.read_timeout_s * 1_000_000))}
-    return {}
+def _classify(exc: BaseException) -> str:
+    """A short, stable name for an open/read failure: one log line per class, not per attempt."""
+    if isinstance(exc, FileNotFoundError):
+        return "file not found"
+    names = {
+        "ConnectionRefusedError": "connection refused",
+        "HTTPNotFoundError": "not found (404)",
+        "HTTPUnauthorizedError": "unauthorized (401)",
+        "HTTPForbiddenError": "forbidden (403)",
+        "TimeoutError": "timed out",
+        "ExitError": "timed out",  # PyAV's own open/read timeout interrupts FFmpeg this way
+        "InvalidDataError": "no valid stream (server frozen or not a video)",
+    }
+    return names.get(type(exc).__name__, type(exc).__name__)
+
+
+def _open_arguments(camera: CameraConfig) -> dict:
+    """Keyword arguments for `av.open`: transport, timeouts (so nothing can hang) and format."""
+    url = camera.url
+    if url.startswith("/dev/video") or url.startswith("v4l2://"):
+        return {"format": "v4l2", "timeout": (camera.open_timeout_s, _read_timeout(camera))}
+    if "://" not in url or url.startswith("file://"):
+        return {}
+    # FFmpeg's socket I/O timeout, in MICROseconds ("stimeout" is silently ignored by FFmpeg 8).
+    # A frozen RTSP server raises TimeoutError after about TWICE this value (measured), so it is
+    # set to half the read timeout; PyAV's `timeout=(open, read)` is a second bound on every call.
+    options = {"timeout": str(int(_read_timeout(camera) * 1_000_000 / 2))}
+    if url.startswith(("rtsp://", "rtsps://")):
+        options["rtsp_transport"] = camera.rtsp_transport
+        options["analyzeduration"] = "200000"  # first frame in ~0.3 s instead of ~1.2 s
+    return {"options": options, "timeout": (camera.open_timeout_s, _read_timeout(camera))}
+
+
+def _read_timeout(camera: CameraConfig) -> float:
+    # a read may never block longer than the stall watchdog allows
+    return min(camera.read_timeout_s, camera.stall_timeout_s)
 
 
 class SourceStage(Stage):
@@ -64,88 +89,109 @@ class SourceStage(Stage):
         self.camera = camera
         self.stop_event = stop
         self.state = SourceState.CONNECTING
-        self.reconnects = 0
+        self.reconnects = 0  # times a stream that had delivered frames was lost and reopened
+        self.attempts = 0  # every open, the first included
+        self.failed_attempts = 0
         self.next_index = 0
         self.last_error: str | None = None
+        self.retry_in_s = 0.0
         self.safe_url = redact(camera.url)
+        self._logged_class: str | None = None
 
     # A source has no inbox: its loop is the decoder.
     def loop(self) -> None:
-        attempt = 0
+        failures = 0  # consecutive attempts that brought no frame: drives the backoff
         while not self.stop_event.is_set():
-            self.state = SourceState.CONNECTING if self.reconnects == 0 and attempt == 0 else SourceState.RECONNECTING
+            if self.attempts:
+                self.state = SourceState.RECONNECTING
+            self.attempts += 1
             try:
                 container = self._open()
             except SourceError as exc:
                 if not self.camera.is_live:
                     self.state = SourceState.FAILED
                     raise
-                self._note_error(str(exc))
-                attempt += 1
-                self._backoff(attempt)
+                self.failed_attempts += 1
+                failures += 1
+                self._note_error(getattr(exc, "error_class", "error"), str(exc), failures)
+                self._backoff(failures)
                 continue
-            attempt = 0
+            frames_before = self.next_index
             try:
                 self.state = SourceState.RUNNING
-                self._decode(container)
+                ended = self._decode(container)
             finally:
                 container.close()
             if self.stop_event.is_set():
                 break
             if not self.camera.is_live:
-                if self.camera.loop:
+                if self.camera.loop and self.next_index > frames_before:
                     continue
                 break
-            # a live stream that ended is a disconnect
-            self.reconnects += 1
-            self._note_error("stream ended; reconnecting")
-            self._backoff(1)
+            # a live stream that ended, stalled or failed is a disconnect
+            if self.next_index > frames_before:
+                self.reconnects += 1
+                failures = 0
+            failures += 1
+            self._note_error(ended, f"camera {self.camera.id}: {self.safe_url}: {ended}; reconnecting", failures)
+            self._backoff(failures)
         self.state = SourceState.ENDED
 
-    def _note_error(self, message: str) -> None:
-        # one line per distinct error, not one per attempt
-        if message != self.last_error:
-            log.warning("camera %s: %s", self.camera.id, message)
-            self.last_error = message
+    def _note_error(self, error_class: str, message: str, failures: int) -> None:
+        """One line per class of failure until frames flow again: a dead camera never floods the log."""
+        self.last_error = message
+        if error_class != self._logged_class:
+            self._logged_class = error_class
+            log.warning("%s (retrying with backoff up to %.1f s; repeats are not logged)", message,
+                        self.camera.reconnect_cap_s)
 
-    def _backoff(self, attempt: int) -> None:
-        delay = min(self.camera.reconnect_cap_s, self.camera.reconnect_base_s * (2 ** (attempt - 1)))
+    def _on_frames_flowing(self) -> None:
+        if self._logged_class is not None:
+            log.info("camera %s: receiving frames again (attempt %d, %d reconnect(s) so far)", self.camera.id,
+                     self.attempts, self.reconnects)
+            self._logged_class = None
+
+    def _backoff(self, failures: int) -> None:
+        delay = min(self.camera.reconnect_cap_s, self.camera.reconnect_base_s * (2 ** (failures - 1)))
         delay *= random.uniform(0.5, 1.0)  # jitter: cameras that failed together do not retry together
+        self.retry_in_s = round(delay, 3)
         self.stop_event.wait(delay)
 
     def _open(self):
-        options = _open_options(self.camera)
         try:
-            if options:
-                container = av.open(self.camera.url, options=options, timeout=(self.camera.open_timeout_s, self.camera.read_timeout_s))
-            else:
-                container = av.open(self.camera.url)
-        except FileNotFoundError:
-            raise SourceError(f"camera {self.camera.id}: {self.safe_url}: file not found") from None
+            container = av.open(self.camera.url, **_open_arguments(self.camera))
         except (av.error.FFmpegError, OSError) as exc:
-            raise SourceError(f"camera {self.camera.id}: cannot open {self.safe_url}: {redact(str(exc))}") from None
+            error_class = _classify(exc)
+            detail = error_class if self.camera.is_live or error_class == "file not found" else redact(str(exc))
+            error = SourceError(f"camera {self.camera.id}: cannot open {self.safe_url}: {detail}")
+            error.error_class = error_class
+            raise error from None
         if not container.streams.video:
             container.close()
-            raise SourceError(f"camera {self.camera.id}: {self.safe_url}: no video stream")
+            error = SourceError(f"camera {self.camera.id}: {self.safe_url}: no video stream")
+            error.error_class = "no video stream"
+            raise error
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         if self.camera.decode_threads:
             stream.codec_context.thread_count = self.camera.decode_threads
         return container
 
-    def _decode(self, container) -> None:
+    def _decode(self, container) -> str:
+        """Emit frames until the stream ends, stalls, fails or the run stops; say which."""
         stream = container.streams.video[0]
         pace_start: tuple[float, float] | None = None  # (wall clock, pts) at the first paced frame
         packets = container.demux(stream)
+        last_frame = time.monotonic()
+        stall_s = self.camera.stall_timeout_s if self.camera.is_live else None
         while not self.stop_event.is_set():
             try:
                 packet = next(packets)
             except StopIteration:
-                return
+                return "stream ended"
             except av.error.FFmpegError as exc:
-                # a damaged container or a dropped connection: what was decoded stays published
-                self._note_error(f"stream ended with an error: {redact(str(exc))}")
-                return
+                # a damaged container or a dropped/frozen connection: what was decoded stays published
+                return f"read failed ({_classify(exc)})"
             started = time.perf_counter()
             try:
                 frames = packet.decode()
@@ -155,10 +201,14 @@ class SourceStage(Stage):
                 if count == 1 or count % 100 == 0:
                     log.warning("camera %s: undecodable packet skipped (%s); %d so far", self.camera.id,
                                 redact(str(exc)), count)
-                continue
+                frames = []
+            # the watchdog: packets that never become frames are a stall too (a blocked read is
+            # bounded by the read timeout, which is never longer than the stall timeout)
+            if stall_s is not None and not frames and time.monotonic() - last_frame > stall_s:
+                return f"stalled (no frame for {stall_s:g} s)"
             for av_frame in frames:
                 if self.stop_event.is_set():
-                    return
+                    return "stopped"
                 pts = float(av_frame.time) if av_frame.time is not None else None
                 if self.camera.realtime and not self.camera.is_live and pts is not None:
                     if pace_start is None:
@@ -176,10 +226,29 @@ class SourceStage(Stage):
                     source_size=(image.shape[1], image.shape[0]),
                 )
                 self.next_index += 1
+                last_frame = time.monotonic()
                 self.metrics.record_latency(time.perf_counter() - started)
                 frame.mark("source")
                 self.emit(frame)
+                self._on_frames_flowing()
                 started = time.perf_counter()  # the next frame's cost starts after this one left
+        return "stopped"
+
+    def emit(self, frame: Frame) -> None:
+        accepted = self.metrics.items_out
+        super().emit(frame)
+        if self.metrics.items_out == accepted:  # refused by a queue closed for shutdown: still counted
+            self.metrics.drop("stopped")
 
     def snapshot(self) -> dict:
-        return {"state": self.state.value, "reconnects": self.reconnects, "frames": self.next_index, **self.metrics.snapshot()}
+        """Per-camera statistics: state, reconnects, frames, drops (by reason) and retry state."""
+        return {
+            "state": self.state.value,
+            "reconnects": self.reconnects,
+            "attempts": self.attempts,
+            "failed_attempts": self.failed_attempts,
+            "frames": self.next_index,
+            "retry_in_s": self.retry_in_s if self.state is SourceState.RECONNECTING else None,
+            "last_error": self.last_error,
+            **self.metrics.snapshot(),
+        }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -87,3 +88,66 @@ class Subscriber:
 def assets_present():
     if not MODEL.is_file() or not PERSON_CLIP.is_file():
         pytest.fail(f"test assets missing under {ASSETS} (set ASSETS_DIR or run scripts/fetch_assets.py)")
+
+
+RTSP_SERVER = ROOT / "tests" / "rtsp_server.py"
+SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's Python: it has the GStreamer `gi` bindings
+
+
+class RtspServer:
+    """tests/rtsp_server.py in a subprocess: a real RTSP server on 127.0.0.1 that a test can kill,
+    restart (same port) or freeze (SIGSTOP), like a camera that goes away or hangs."""
+
+    def __init__(self, fps: int = 25, size: str = "320x240", clip: Path | None = None, port: int | None = None):
+        self.fps, self.size, self.clip = fps, size, clip
+        self.port = port or free_port()
+        self.process: subprocess.Popen | None = None
+
+    def url(self, mount: str = "live", credentials: str = "") -> str:
+        return f"rtsp://{credentials + '@' if credentials else ''}127.0.0.1:{self.port}/{mount}"
+
+    def start(self, timeout: float = 15.0) -> "RtspServer":
+        args = [SYSTEM_PYTHON, str(RTSP_SERVER), "--port", str(self.port), "--fps", str(self.fps), "--size", self.size]
+        if self.clip:
+            args += ["--clip", str(self.clip)]
+        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if line.startswith("ready"):
+                return self
+            if not line and self.process.poll() is not None:
+                break
+        err = self.process.stderr.read() if self.process.poll() is not None else ""
+        self.kill()
+        pytest.fail(f"RTSP test server did not start on port {self.port}: {err.strip()[-500:]} "
+                    "(needs python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-{base,good,bad,ugly}; "
+                    "see scripts/test.sh)")
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)  # a frozen server cannot die otherwise
+            self.process.kill()
+            self.process.wait(10)
+        self.process = None
+
+    def freeze(self) -> None:
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self.process.send_signal(signal.SIGCONT)
+
+
+@pytest.fixture
+def rtsp_server():
+    """A factory: `rtsp_server(fps=..., clip=...)` starts a server; all are killed at teardown."""
+    servers: list[RtspServer] = []
+
+    def start(**kwargs) -> RtspServer:
+        server = RtspServer(**kwargs).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.kill()
