@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from engines.base import Engine, TensorSpec
+from engines.base import DeviceEngine, Engine, TensorSpec
 from pipeline.config import EngineConfig
 from pipeline.model import PreparedModel
 
-__all__ = ["Engine", "TensorSpec", "create_engine"]
+__all__ = ["DeviceEngine", "Engine", "TensorSpec", "create_engine"]
 
 
 def create_engine(config: EngineConfig, model: PreparedModel) -> Engine:
@@ -15,4 +15,15 @@ def create_engine(config: EngineConfig, model: PreparedModel) -> Engine:
 
         return OnnxRuntimeEngine(model, config.max_batch, config.intra_op_threads, config.inter_op_threads,
                                  config.spin)
+    if config.kind == "torch":
+        from engines.torch_engine import TorchEngine
+
+        return TorchEngine(model, config.max_batch, fp16=config.fp16, cuda_graphs=config.cuda_graphs, device=config.device,
+                           fp32_first_convs=config.fp32_first_convs)
+    if config.kind == "tensorrt":
+        from engines.tensorrt_engine import TensorRTEngine
+
+        return TensorRTEngine(model, config.max_batch, config.lanes, fp16=config.fp16, workspace_mb=config.workspace_mb,
+                              cache_dir=config.plan_cache_dir, plugins=config.plugins, min_batch=config.min_batch,
+                              opt_batch=config.opt_batch, device=config.device)
     raise ValueError(f"unknown engine kind {config.kind!r}")

@@ -33,3 +33,34 @@ class Engine(ABC):
 
     def close(self) -> None:
         pass
+
+
+class DeviceEngine(Engine):
+    """An engine that runs on device memory, on a caller's CUDA stream (the GPU data path).
+
+    Each lane of `pipeline.lanes.LaneSet` owns one context from `create_context` (for TensorRT an
+    execution context, for PyTorch its captured graphs) and calls `enqueue` with device pointers:
+    the input is uint8 [n, H, W, 3], the outputs are float32, batch-major, `outputs` shapes.
+    `enqueue` only queues work on `stream`; it must not synchronize.
+    """
+
+    def create_context(self, lane: int):
+        return None
+
+    @abstractmethod
+    def enqueue(self, context, stream_ptr: int, input_ptr: int, output_ptrs: list[int], batch: int) -> None:
+        ...
+
+    def infer(self, images: np.ndarray) -> list[np.ndarray]:
+        """Host convenience path (tests, tools): one private lane, synchronous."""
+        from pipeline.lanes import LaneSet
+
+        if getattr(self, "_host_lanes", None) is None:
+            self._host_lanes = LaneSet(self, 1, pinned_outputs=1)
+        return self._host_lanes.run_sync(images)
+
+    def close(self) -> None:
+        lanes = getattr(self, "_host_lanes", None)
+        if lanes is not None:
+            lanes.close()
+            self._host_lanes = None

@@ -60,12 +60,28 @@ class ModelConfig(_Strict):
 
 
 class EngineConfig(_Strict):
-    kind: Literal["onnxruntime"] = "onnxruntime"
+    kind: Literal["onnxruntime", "torch", "tensorrt"] = "onnxruntime"
     intra_op_threads: Annotated[int, Field(ge=0)] = 0  # 0 = ONNX Runtime's default (all cores)
     inter_op_threads: Annotated[int, Field(ge=0)] = 1
     spin: bool = False  # ONNX Runtime threads busy-wait between runs (faster alone, slower in a pipeline)
     max_batch: Annotated[int, Field(ge=1, le=256)] = 4
     batch_timeout_ms: Annotated[float, Field(ge=0)] = 10.0
+    # GPU engines (torch, tensorrt): the data path's lanes and precision
+    device: Annotated[int, Field(ge=0)] = 0
+    lanes: Annotated[int, Field(ge=1, le=16)] = 2
+    fp16: bool = False
+    fp32_first_convs: Annotated[int, Field(ge=0)] = 8  # torch fp16: keep these first convolutions in fp32
+    cuda_graphs: bool = False  # torch only: replay captured CUDA graphs
+    # tensorrt only
+    workspace_mb: Annotated[int, Field(ge=16)] = 1024
+    plan_cache_dir: Path = Path("cache/tensorrt")
+    plugins: list[Path] = []
+    min_batch: Annotated[int, Field(ge=1)] = 1
+    opt_batch: Annotated[int, Field(ge=1)] | None = None
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.kind in ("torch", "tensorrt")
 
 
 class PreviewConfig(_Strict):

@@ -10,12 +10,13 @@ while every stage drains what is in flight.
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
 from pathlib import Path
 
-from engines import create_engine
+from engines import DeviceEngine, create_engine
 from pipeline.buffers import HostSlotPool
 from pipeline.config import Config
 from pipeline.errors import ConfigError
@@ -23,7 +24,7 @@ from pipeline.metrics import StatusReporter
 from pipeline.model import prepare_model, read_labels
 from pipeline.queues import BoundedQueue, Credits, FanIn
 from stages.batch import BatchStage
-from stages.infer import InferStage
+from stages.infer import InferStage, LaneInferStage
 from stages.letterbox import LetterboxStage
 from stages.postprocess import PostprocessStage
 from stages.publish import PublishStage, bind_publisher, wait_for_subscribers
@@ -45,7 +46,16 @@ class Pipeline:
         self.model = model
         size = config.runtime.queue_size
         h, w = model.input_hw
-        self.pool = HostSlotPool(config.runtime.host_slots, (self.engine.max_batch, h, w, 3))
+        self.pinned = None
+        if isinstance(self.engine, DeviceEngine):  # GPU: pinned slots, so H2D copies are DMA and overlap
+            from pipeline.cuda import PinnedAllocator
+            from pipeline.lanes import LaneSet
+
+            self.pinned = PinnedAllocator()
+            self.pool = HostSlotPool(config.runtime.host_slots, (self.engine.max_batch, h, w, 3), allocator=self.pinned)
+            self.lanes = LaneSet(self.engine, config.engine.lanes)
+        else:
+            self.pool = HostSlotPool(config.runtime.host_slots, (self.engine.max_batch, h, w, 3))
         self.socket = bind_publisher(config.publish)
 
         self.sources: list[SourceStage] = []
@@ -66,7 +76,11 @@ class Pipeline:
                                 config.engine.batch_timeout_ms / 1000.0, credits)
         previews = config.publish.preview.enabled  # previews need the decoded image until publish
         self.letterbox = LetterboxStage(batched, boxed, self.pool, model.preset, keep_images=previews)
-        self.infer = InferStage(boxed, inferred, self.engine, self.pool)
+        if self.pinned is not None:
+            self.timeline = collections.deque(maxlen=4096)  # recent batches' CUDA-event timings
+            self.infer = LaneInferStage(boxed, inferred, self.lanes, self.pool, self.timeline)
+        else:
+            self.infer = InferStage(boxed, inferred, self.engine, self.pool)
         self.postprocess = PostprocessStage(inferred, detected, model.preset.layout, model.input_hw, model.preset.strides,
                                             config.model.conf_threshold, config.model.nms_iou, config.model.max_detections,
                                             config.model.classes)

@@ -72,6 +72,7 @@ class FrameBatch:
     frames: list[Frame]
     slot: object | None = None  # a pipeline.buffers.HostSlot while the batch owns one
     outputs: list[np.ndarray] | None = None  # raw engine outputs, batch-major
+    release: object | None = None  # callable that frees pinned output slots once postprocess is done
     credit: object | None = None  # a pipeline.queues.Credits held from batching until inference is done
 
     def release_credit(self) -> None:

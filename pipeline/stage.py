@@ -28,6 +28,7 @@ def frame_count(item) -> int:
 class Stage:
     name = "stage"
     poll_s: float | None = 0.5  # how often `on_idle` runs while the inbox is empty
+    times_process = True  # False: the stage records its own latency (work that finishes elsewhere)
 
     def __init__(self, inbox: BoundedQueue | None, outbox: BoundedQueue | None):
         self.inbox, self.outbox = inbox, outbox
@@ -89,7 +90,8 @@ class Stage:
                 self._log_item_error(exc)
                 self.discard(item)
             # latency is the stage's own work: waits for downstream room are back-pressure, not cost
-            self.metrics.record_latency(time.perf_counter() - started - self._waited)
+            if self.times_process:
+                self.metrics.record_latency(time.perf_counter() - started - self._waited)
 
     def _log_item_error(self, exc: Exception) -> None:
         self._error_logged += 1

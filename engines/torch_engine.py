@@ -1,0 +1,166 @@
+"""PyTorch on the GPU: the engine that needs no TensorRT, so the lanes run on any CUDA machine.
+
+The prepared ONNX graph (uint8 NHWC input, preprocessing inside) is converted in memory with
+onnx2torch and runs on the lane's own CUDA stream (`torch.cuda.ExternalStream`), reading and
+writing the lane's device buffers in place (wrapped through `__cuda_array_interface__`).
+Options: fp16 (autocast) and CUDA graphs (one captured graph per lane and batch bucket; batches
+are padded up to the next power of two so a handful of graphs cover every size).
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from engines.base import DeviceEngine, TensorSpec
+from pipeline.errors import ModelError
+from pipeline.model import PreparedModel
+
+
+class _DeviceArray:
+    """Lets torch view memory it did not allocate (a lane's cudaMalloc buffer) without a copy."""
+
+    def __init__(self, ptr: int, shape: tuple[int, ...], typestr: str):
+        self.__cuda_array_interface__ = {"shape": shape, "typestr": typestr, "data": (ptr, False), "version": 3,
+                                         "strides": None}
+
+
+class _LaneState:
+    def __init__(self):
+        self.views: dict = {}
+        self.graphs: dict[int, object] = {}
+
+
+# onnx2torch modules that read some inputs as Python values (shapes, axes, scales) on every call
+_HOST_ARGUMENT_MODULES = {"OnnxSlice", "OnnxReshape", "OnnxResize", "OnnxPadDynamic", "OnnxSplit13", "OnnxRange",
+                          "OnnxUnsqueezeDynamicAxes", "OnnxReduceStaticAxes", "OnnxReduceSumDynamicAxes",
+                          "OnnxConstantOfShape", "OnnxCumSum"}
+
+
+def _keep_shape_constants_on_host(module) -> None:
+    """Move the constant shape/axes/scale inputs of such modules back to the host.
+
+    Left on the GPU, each read is a device-to-host sync: that serialises the lanes (the
+    submitting thread waits on every call) and makes CUDA graph capture impossible.
+    """
+    import torch
+
+    for node in module.graph.nodes:
+        if node.op != "call_module" or type(module.get_submodule(node.target)).__name__ not in _HOST_ARGUMENT_MODULES:
+            continue
+        for arg in list(node.args[1:]) + list(node.kwargs.values()):
+            if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
+                owner, _, name = arg.target.rpartition(".")
+                parent = module.get_submodule(owner) if owner else module
+                setattr(parent, name, getattr(parent, name).cpu())
+
+
+def fp32_layers(module, first: int, last: int) -> None:
+    """Run the first `first` and the last `last` convolutions (in graph order) in fp32 under autocast."""
+    import torch
+
+    class Fp32(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            with torch.autocast("cuda", enabled=False):
+                return self.inner(x.float())
+
+    convs = [n.target for n in module.graph.nodes
+             if n.op == "call_module" and isinstance(module.get_submodule(n.target), torch.nn.Conv2d)]
+    chosen = convs[:first] + (convs[-last:] if last else [])
+    for target in chosen:
+        owner, _, name = target.rpartition(".")
+        parent = module.get_submodule(owner) if owner else module
+        setattr(parent, name, Fp32(getattr(parent, name)))
+
+
+def _bucket(n: int, max_batch: int) -> int:
+    size = 1
+    while size < n:
+        size *= 2
+    return min(size, max_batch)
+
+
+class TorchEngine(DeviceEngine):
+    name = "torch"
+
+    def __init__(self, model: PreparedModel, max_batch: int, fp16: bool = False, cuda_graphs: bool = False, device: int = 0,
+                 fp32_first_convs: int = 8):
+        import torch
+
+        try:
+            from onnx2torch import convert
+        except ImportError:
+            raise ModelError("engine.kind torch needs onnx2torch and torch: pip install torch onnx2torch") from None
+        import onnx
+
+        if not torch.cuda.is_available():
+            raise ModelError("engine.kind torch: no CUDA device is visible to PyTorch")
+        self.torch = torch
+        self.device = torch.device("cuda", device)
+        torch.cuda.set_device(self.device)
+        try:
+            self.module = convert(onnx.load_model_from_string(model.onnx_bytes)).to(self.device).eval()
+        except Exception as exc:
+            raise ModelError(f"model.path: onnx2torch cannot convert the model: {str(exc).splitlines()[0][:200]}") from None
+        _keep_shape_constants_on_host(self.module)
+        self.fp16, self.cuda_graphs = fp16, cuda_graphs
+        if fp16 and fp32_first_convs:
+            # the first layers see raw 0-255 pixels: in fp16 their error moves scores by up to 0.1
+            # (bench/fp16_precision.py); in fp32 they cost little and keep scores within ~0.02
+            fp32_layers(self.module, fp32_first_convs, 0)
+        if not fp16:  # fp32 means fp32: PyTorch would otherwise run convolutions in TF32 (~1e-3 error)
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
+        self.max_batch = max_batch if model.batch_dynamic else 1
+        h, w = model.input_hw
+        self.inputs = [TensorSpec(model.input_name, np.dtype(np.uint8), (None, h, w, 3))]
+        with torch.inference_mode():
+            probe = self.module(torch.zeros((1, h, w, 3), dtype=torch.uint8, device=self.device))
+        probe = probe if isinstance(probe, (list, tuple)) else [probe]
+        self.outputs = [TensorSpec(name, np.dtype(np.float32), (None, *t.shape[1:]))
+                        for name, t in zip(model.output_names, probe)]
+
+    def create_context(self, lane: int):
+        return _LaneState()
+
+    def _views(self, state: _LaneState, input_ptr: int, output_ptrs: list[int]):
+        key = (input_ptr, tuple(output_ptrs))
+        if key not in state.views:
+            torch = self.torch
+            x = torch.as_tensor(_DeviceArray(input_ptr, (self.max_batch, *self.inputs[0].shape[1:]), "|u1"), device=self.device)
+            ys = [torch.as_tensor(_DeviceArray(p, (self.max_batch, *spec.shape[1:]), "<f4"), device=self.device)
+                  for p, spec in zip(output_ptrs, self.outputs)]
+            state.views[key] = (x, ys)
+        return state.views[key]
+
+    def _forward(self, x, ys, n: int) -> None:
+        torch = self.torch
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.fp16):
+            result = self.module(x[:n])
+        result = result if isinstance(result, (list, tuple)) else [result]
+        for y, r in zip(ys, result):
+            y[:n].copy_(r)
+
+    def enqueue(self, context: _LaneState, stream_ptr: int, input_ptr: int, output_ptrs: list[int], batch: int) -> None:
+        torch = self.torch
+        stream = torch.cuda.ExternalStream(stream_ptr, device=self.device)
+        x, ys = self._views(context, input_ptr, output_ptrs)
+        with torch.cuda.stream(stream), torch.inference_mode():
+            if not self.cuda_graphs:
+                self._forward(x, ys, batch)
+                return
+            size = _bucket(batch, self.max_batch)  # rows past `batch` hold stale data; their outputs are ignored
+            graph = context.graphs.get(size)
+            if graph is None:
+                for _ in range(2):  # warm-up on this stream before capture, as CUDA graphs require
+                    self._forward(x, ys, size)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+                    self._forward(x, ys, size)
+                context.graphs[size] = graph
+            graph.replay()

@@ -1,0 +1,144 @@
+"""Thin, checked wrappers over CUDA's runtime API (cuda-python's `cuda.bindings.runtime`).
+
+Pinned host memory, device memory, streams, events and async copies for the GPU data path. Every
+call's status is checked and turned into a `CudaError` that names the call and CUDA's message.
+The module imports on machines without CUDA; `available()` says whether a GPU can be used.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+
+
+class CudaError(PipelineError):
+    pass
+
+
+@functools.lru_cache(maxsize=1)
+def _rt():
+    try:
+        from cuda.bindings import runtime
+    except ImportError:
+        try:
+            from cuda import cudart as runtime  # cuda-python < 12.6 layout
+        except ImportError:
+            raise CudaError("the GPU data path needs cuda-python: pip install -r requirements-gpu.txt") from None
+    return runtime
+
+
+def check(result, call: str = "CUDA call"):
+    """Unpack a cuda-python result tuple, raising `CudaError` unless it is cudaSuccess."""
+    rt = _rt()
+    if isinstance(result, tuple):
+        err, *values = result
+    else:
+        err, values = result, []
+    if err != rt.cudaError_t.cudaSuccess:
+        _, name = rt.cudaGetErrorName(err)
+        _, text = rt.cudaGetErrorString(err)
+        raise CudaError(f"{call} failed: {name.decode()} ({text.decode()})")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def available() -> bool:
+    try:
+        return (check(_rt().cudaGetDeviceCount(), "cudaGetDeviceCount") or 0) > 0
+    except CudaError:
+        return False
+
+
+def device_name(device: int = 0) -> str:
+    props = check(_rt().cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
+    name = props.name
+    return (name.decode() if isinstance(name, bytes) else str(name)).rstrip("\x00")
+
+
+def compute_capability(device: int = 0) -> tuple[int, int]:
+    props = check(_rt().cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
+    return props.major, props.minor
+
+
+def set_device(device: int) -> None:
+    check(_rt().cudaSetDevice(device), f"cudaSetDevice({device})")
+
+
+class PinnedAllocator:
+    """Page-locked host arrays (cudaHostAlloc): DMA-able, so async copies really overlap."""
+
+    def __init__(self):
+        self._owned: list[int] = []
+
+    def __call__(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        ptr = check(_rt().cudaHostAlloc(nbytes, _rt().cudaHostAllocDefault), f"cudaHostAlloc({nbytes} bytes)")
+        self._owned.append(int(ptr))
+        buffer = (ctypes.c_uint8 * nbytes).from_address(int(ptr))
+        return np.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+    def free(self) -> None:
+        while self._owned:
+            _rt().cudaFreeHost(self._owned.pop())
+
+
+class DeviceBuffer:
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+        self.ptr = int(check(_rt().cudaMalloc(max(nbytes, 1)), f"cudaMalloc({nbytes} bytes)"))
+
+    def free(self) -> None:
+        if self.ptr:
+            _rt().cudaFree(self.ptr)
+            self.ptr = 0
+
+
+class Stream:
+    def __init__(self):
+        self.handle = check(_rt().cudaStreamCreateWithFlags(_rt().cudaStreamNonBlocking), "cudaStreamCreateWithFlags")
+        self.ptr = int(self.handle)
+
+    def synchronize(self) -> None:
+        check(_rt().cudaStreamSynchronize(self.handle), "cudaStreamSynchronize")
+
+    def destroy(self) -> None:
+        if self.handle is not None:
+            _rt().cudaStreamDestroy(self.handle)
+            self.handle = None
+
+
+class Event:
+    def __init__(self):
+        self.handle = check(_rt().cudaEventCreate(), "cudaEventCreate")
+
+    def record(self, stream: Stream) -> None:
+        check(_rt().cudaEventRecord(self.handle, stream.handle), "cudaEventRecord")
+
+    def synchronize(self) -> None:
+        check(_rt().cudaEventSynchronize(self.handle), "cudaEventSynchronize")
+
+    def since(self, earlier: "Event") -> float:
+        """Milliseconds from `earlier` to this event (both must have completed)."""
+        return float(check(_rt().cudaEventElapsedTime(earlier.handle, self.handle), "cudaEventElapsedTime"))
+
+    def destroy(self) -> None:
+        if self.handle is not None:
+            _rt().cudaEventDestroy(self.handle)
+            self.handle = None
+
+
+def copy_to_device(dst_ptr: int, src: np.ndarray, nbytes: int, stream: Stream) -> None:
+    rt = _rt()
+    check(rt.cudaMemcpyAsync(dst_ptr, src.ctypes.data, nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream.handle),
+          "cudaMemcpyAsync(host to device)")
+
+
+def copy_to_host(dst: np.ndarray, src_ptr: int, nbytes: int, stream: Stream) -> None:
+    rt = _rt()
+    check(rt.cudaMemcpyAsync(dst.ctypes.data, src_ptr, nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream.handle),
+          "cudaMemcpyAsync(device to host)")
