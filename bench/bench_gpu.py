@@ -163,7 +163,8 @@ def make_1080p(out: Path, frames: int) -> Path:
 
 def pipeline_fps(clip: Path, cameras: int, engine: dict) -> tuple[float, dict]:
     config = parse_config({
-        "cameras": [{"id": f"cam{i}", "url": str(clip), "decode_threads": 2} for i in range(cameras)],
+        "cameras": [{"id": f"cam{i}", "url": str(clip), "decode_threads": 2, "color_conversion": "opencv"}
+                    for i in range(cameras)],
         "model": {"path": str(MODEL), "preset": "yolox"},
         "engine": engine,
         "publish": {"bind": "tcp://127.0.0.1:0"},

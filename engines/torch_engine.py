@@ -89,7 +89,7 @@ class TorchEngine(DeviceEngine):
     name = "torch"
 
     def __init__(self, model: PreparedModel, max_batch: int, fp16: bool = False, cuda_graphs: bool = False, device: int = 0,
-                 fp32_first_convs: int = 8):
+                 fp32_first_convs: int = 16):
         import torch
 
         try:

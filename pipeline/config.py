@@ -34,6 +34,7 @@ class CameraConfig(_Strict):
     realtime: bool = False
     rtsp_transport: Literal["tcp", "udp"] = "tcp"
     decode_threads: Annotated[int, Field(ge=0, le=64)] = 0  # 0 = let FFmpeg choose
+    color_conversion: Literal["swscale", "opencv"] = "swscale"  # opencv: GIL-free, for many cameras
     open_timeout_s: Annotated[float, Field(gt=0)] = 5.0
     read_timeout_s: Annotated[float, Field(gt=0)] = 5.0
     reconnect_base_s: Annotated[float, Field(gt=0)] = 0.5
@@ -70,7 +71,7 @@ class EngineConfig(_Strict):
     device: Annotated[int, Field(ge=0)] = 0
     lanes: Annotated[int, Field(ge=1, le=16)] = 2
     fp16: bool = False
-    fp32_first_convs: Annotated[int, Field(ge=0)] = 8  # torch fp16: keep these first convolutions in fp32
+    fp32_first_convs: Annotated[int, Field(ge=0)] = 16  # torch fp16: keep these first convolutions in fp32
     cuda_graphs: bool = False  # torch only: replay captured CUDA graphs
     # tensorrt only
     workspace_mb: Annotated[int, Field(ge=16)] = 1024

@@ -17,6 +17,8 @@ import threading
 import time
 
 import av
+import cv2
+import numpy as np
 
 from pipeline.config import CameraConfig
 from pipeline.errors import SourceError
@@ -32,6 +34,20 @@ _CREDENTIALS = re.compile(r"(?<=://)[^/@\s]*@")
 def redact(text: str) -> str:
     """Hide `user:password@` in any URL inside `text`."""
     return _CREDENTIALS.sub("***@", text)
+
+
+def to_bgr(av_frame, converter: str = "swscale") -> np.ndarray:
+    """Decoded frame -> BGR uint8 [h, w, 3].
+
+    "swscale" is PyAV's own conversion: what a plain PyAV program gets, but it holds the GIL, so
+    with many cameras the decoders take turns (measured: 2 threads gain 25% over one). "opencv"
+    converts yuv420p with OpenCV, which releases the GIL and is faster (2 threads: 3x); pixels
+    differ from swscale's by about one level on average (its chroma upsampling differs).
+    """
+    if (converter == "opencv" and av_frame.format.name == "yuv420p"
+            and av_frame.width % 2 == 0 and av_frame.height % 2 == 0):
+        return cv2.cvtColor(av_frame.to_ndarray(format="yuv420p"), cv2.COLOR_YUV2BGR_I420)
+    return av_frame.to_ndarray(format="bgr24")
 
 
 class SourceState(enum.Enum):
@@ -216,7 +232,7 @@ class SourceStage(Stage):
                     wait = pace_start[0] + (pts - pace_start[1]) - time.monotonic()
                     if wait > 0:
                         self.stop_event.wait(wait)
-                image = av_frame.to_ndarray(format="bgr24")
+                image = to_bgr(av_frame, self.camera.color_conversion)
                 frame = Frame(
                     camera=self.camera.id,
                     index=self.next_index,
