@@ -18,6 +18,7 @@ import datetime
 import json
 import logging
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -179,9 +180,12 @@ def pipeline_fps(clip: Path, cameras: int, engine: dict) -> tuple[float, dict]:
     return pipeline.publish.metrics.frames_out / elapsed, {k: v.get("latency_ms_p50") for k, v in summary["stages"].items()}
 
 
-def throughput_1080p(engine_config: EngineConfig, report: list[str], data: dict, cameras: int, clip_frames: int) -> None:
+def throughput_1080p(engine_config: EngineConfig, report: list[str], data: dict, cameras: int, clip_frames: int,
+                     keep_clip: Path | None = None) -> None:
     tmp = Path(tempfile.mkdtemp())
     clip = make_1080p(tmp, clip_frames)
+    if keep_clip is not None:
+        shutil.copyfile(clip, keep_clip)
     pinned = cuda.PinnedAllocator()
     frames = letterboxed(clip, clip_frames, pinned)
     report += ["", f"## 1080p: engine alone vs the whole pipeline ({cameras} cameras x {clip_frames} frames of 1080p30 H.264, CPU decode)", "",
@@ -210,6 +214,7 @@ def main() -> int:
     parser.add_argument("--cameras", type=int, default=8, help="1080p cameras in the pipeline part")
     parser.add_argument("--clip-frames", type=int, default=240)
     parser.add_argument("--parts", default="transfers,overlap,1080p")
+    parser.add_argument("--keep-clip", type=Path, help="also write the 1080p clip here (for bench/decode_scaling.py)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -228,7 +233,7 @@ def main() -> int:
         overlap(engine_config, frames, report, data, batch=8)
         pinned.free()
     if "1080p" in parts:
-        throughput_1080p(engine_config, report, data, args.cameras, args.clip_frames)
+        throughput_1080p(engine_config, report, data, args.cameras, args.clip_frames, args.keep_clip)
     text = "\n".join(report)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
