@@ -198,8 +198,10 @@ def throughput_1080p(engine_config: EngineConfig, report: list[str], data: dict,
         engine.close()
         full, stages = pipeline_fps(clip, cameras, {**engine_config.model_dump(mode="json"), "max_batch": batch,
                                                     "batch_timeout_ms": 5})
-        stage_text = ", ".join(f"{k}={v:.2f}" for k, v in stages.items() if v is not None and not k.startswith("source.")
-                               ) + f", source={statistics.median([v for k, v in stages.items() if k.startswith('source.') and v]):.2f}"
+        sources = [v for k, v in stages.items() if k.startswith("source.") and v is not None]
+        stage_text = ", ".join(f"{k}={v:.2f}" for k, v in stages.items() if v is not None and not k.startswith("source."))
+        if sources:
+            stage_text += f", source (median over cameras)={statistics.median(sources):.2f}"
         report.append(f"| {batch} | {lanes} | {alone:.0f} | {full:.0f} | {full / alone:.0%} | {stage_text} |")
         data.setdefault("1080p", {})[batch] = {"engine_alone_fps": alone, "pipeline_fps": full, "stages_p50_ms": stages}
     pinned.free()

@@ -115,6 +115,8 @@ class RuntimeConfig(_Strict):
     host_slots: Annotated[int, Field(ge=2)] = 4
     status_interval_s: Annotated[float, Field(gt=0)] = 5.0
     shutdown_deadline_s: Annotated[float, Field(gt=0)] = 2.0
+    # OpenCV's own thread pool per call: 1 avoids oversubscription when many stage threads call it
+    opencv_threads: Annotated[int, Field(ge=0)] = 1
     # with a live camera: batches in flight from batching to the end of inference (latency bound)
     live_batches_in_flight: Annotated[int, Field(ge=1)] = 1
     log_level: Literal["debug", "info", "warning", "error"] = "info"

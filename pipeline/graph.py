@@ -16,6 +16,8 @@ import threading
 import time
 from pathlib import Path
 
+import cv2
+
 from engines import DeviceEngine, create_engine
 from pipeline.buffers import HostSlotPool
 from pipeline.config import Config
@@ -37,6 +39,7 @@ class Pipeline:
     def __init__(self, config: Config):
         self.config = config
         self.stop_event = threading.Event()
+        cv2.setNumThreads(config.runtime.opencv_threads)
         for i, camera in enumerate(config.cameras):  # a missing file is a config mistake: fail before loading anything
             if not camera.is_live and not Path(camera.url).is_file():
                 raise ConfigError(f"cameras[{i}].url: camera {camera.id}: {camera.url}: file not found")
