@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import time
 
 import numpy as np
 
@@ -121,6 +122,23 @@ class Event:
 
     def synchronize(self) -> None:
         check(_rt().cudaEventSynchronize(self.handle), "cudaEventSynchronize")
+
+    def done(self) -> bool:
+        err = _rt().cudaEventQuery(self.handle)
+        err = err[0] if isinstance(err, tuple) else err
+        if err == _rt().cudaError_t.cudaErrorNotReady:
+            return False
+        check(err, "cudaEventQuery")
+        return True
+
+    def wait(self, poll_s: float = 0.0002) -> None:
+        """Wait for the event while letting other Python threads run.
+
+        A blocking cudaEventSynchronize may keep the GIL for the whole wait, which stalls every
+        other stage while the GPU works; polling with a short sleep releases it.
+        """
+        while not self.done():
+            time.sleep(poll_s)
 
     def since(self, earlier: "Event") -> float:
         """Milliseconds from `earlier` to this event (both must have completed)."""

@@ -119,7 +119,7 @@ class LaneSet:
         with self._order:
             lane = self._in_flight.popleft()
         start, h2d, compute, d2h = lane.events
-        d2h.synchronize()
+        d2h.wait()
         tag, n, slots = lane.work
         ref = self.reference
         timing = BatchTiming(lane.index, n, start.since(ref), h2d.since(ref), compute.since(ref), d2h.since(ref))
