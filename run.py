@@ -57,6 +57,7 @@ def cmd_run(args) -> int:
     if blocked:  # a reader in a network read returns within its read timeout; do not wait for it
         log.warning("camera(s) %s: reader still in a network read at exit; abandoned", ", ".join(blocked))
     summary = pipeline.snapshot()
+    pipeline.close()
     # what is still running besides this thread (stray threads are a bug; a blocked reader is named above)
     summary["threads_alive"] = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
     log.info("done: %s", pipeline.status_line())

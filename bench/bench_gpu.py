@@ -178,6 +178,7 @@ def pipeline_fps(clip: Path, cameras: int, engine: dict, switch_ms: float = 5.0)
     pipeline.wait()
     elapsed = time.perf_counter() - started
     summary = pipeline.snapshot()
+    pipeline.close()
     return pipeline.publish.metrics.frames_out / elapsed, {k: v.get("latency_ms_p50") for k, v in summary["stages"].items()}
 
 

@@ -164,6 +164,16 @@ class Pipeline:
                 next_status = now + interval
         return True
 
+    def close(self) -> None:
+        """Release GPU memory once every stage has finished (postprocess reads pinned outputs until then)."""
+        if not self.finished:
+            return  # a stage is still running (shutdown deadline passed): leave its memory alone
+        if self.pinned is not None:
+            self.lanes.close()
+            self.engine.close()
+            self.pinned.free()
+            self.pinned = None
+
     def snapshot(self) -> dict:
         summary = self.status.summary()
         summary["cameras"] = {s.camera.id: s.snapshot() for s in self.sources}

@@ -99,5 +99,5 @@ class LaneInferStage(InferStage):
         self._completer.join()
 
     def on_stop(self) -> None:
-        self.lanes.close()
-        self.lanes.engine.close()
+        # the lanes' pinned output slots may still be read by postprocess: Pipeline.close frees them
+        pass
