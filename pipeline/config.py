@@ -53,7 +53,6 @@ class ModelConfig(_Strict):
     path: Path
     preset: Literal["yolox", "yolov5", "yolov8", "yolo11"]
     labels: Path | None = None
-    input_size: tuple[Annotated[int, Field(ge=32)], Annotated[int, Field(ge=32)]] | None = None
     conf_threshold: Annotated[float, Field(ge=0, le=1)] = 0.3
     nms_iou: Annotated[float, Field(gt=0, le=1)] = 0.45
     max_detections: Annotated[int, Field(ge=1)] = 300
