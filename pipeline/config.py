@@ -61,14 +61,16 @@ class ModelConfig(_Strict):
 
 class EngineConfig(_Strict):
     kind: Literal["onnxruntime", "torch", "tensorrt"] = "onnxruntime"
-    intra_op_threads: Annotated[int, Field(ge=0)] = 0  # 0 = ONNX Runtime's default (all cores)
+    # ONNX Runtime threads per lane; lanes x intra_op_threads ~ cores (0 = ONNX Runtime's default: all cores)
+    intra_op_threads: Annotated[int, Field(ge=0)] = 1
     inter_op_threads: Annotated[int, Field(ge=0)] = 1
     spin: bool = False  # ONNX Runtime threads busy-wait between runs (faster alone, slower in a pipeline)
     max_batch: Annotated[int, Field(ge=1, le=256)] = 4
     batch_timeout_ms: Annotated[float, Field(ge=0)] = 10.0
-    # GPU engines (torch, tensorrt): the data path's lanes and precision
-    device: Annotated[int, Field(ge=0)] = 0
+    # concurrent inferences: CPU worker threads, or GPU lanes (a CUDA stream + engine context each)
     lanes: Annotated[int, Field(ge=1, le=16)] = 2
+    # GPU engines (torch, tensorrt)
+    device: Annotated[int, Field(ge=0)] = 0
     fp16: bool = False
     fp32_first_convs: Annotated[int, Field(ge=0)] = 16  # torch fp16: keep these first convolutions in fp32
     cuda_graphs: bool = False  # torch only: replay captured CUDA graphs

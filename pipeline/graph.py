@@ -85,7 +85,7 @@ class Pipeline:
             self.timeline = collections.deque(maxlen=4096)  # recent batches' CUDA-event timings
             self.infer = LaneInferStage(boxed, inferred, self.lanes, self.pool, self.timeline)
         else:
-            self.infer = InferStage(boxed, inferred, self.engine, self.pool)
+            self.infer = InferStage(boxed, inferred, self.engine, self.pool, lanes=config.engine.lanes)
         self.postprocess = PostprocessStage(inferred, detected, model.preset.layout, model.input_hw, model.preset.strides,
                                             config.model.conf_threshold, config.model.nms_iou, config.model.max_detections,
                                             config.model.classes)

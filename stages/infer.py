@@ -1,10 +1,19 @@
-"""Infer stage: runs the engine on the batch's host slot and frees the slot for the next batch."""
+"""Infer stage: runs batches on K lanes at once and hands results on in submission order.
+
+A lane is one concurrent inference: on the CPU a worker thread calling the engine (ONNX Runtime
+runs two single-threaded calls side by side much faster than one two-threaded call on a small
+model), on the GPU a CUDA stream with its own engine context (`pipeline.lanes`). The stage's
+thread submits each batch to a free lane; a completion thread waits for batches in the order
+they were submitted, frees their host slot and sends them on, so several batches are in flight
+and frame order is kept.
+"""
 
 from __future__ import annotations
 
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -16,27 +25,76 @@ from pipeline.stage import Stage
 
 
 class InferStage(Stage):
-    name = "infer"
+    """Host engines (ONNX Runtime): `lanes` worker threads share one engine."""
 
-    def __init__(self, inbox: BoundedQueue, outbox: BoundedQueue, engine: Engine, pool: HostSlotPool):
+    name = "infer"
+    times_process = False  # latency is each batch's own inference time, recorded on completion
+
+    def __init__(self, inbox: BoundedQueue, outbox: BoundedQueue, engine: Engine, pool: HostSlotPool, lanes: int = 1):
         super().__init__(inbox, outbox)
         self.engine = engine
         self.pool = pool
+        self._free_lanes = threading.Semaphore(lanes)
+        self._workers = ThreadPoolExecutor(lanes, thread_name_prefix="infer-lane")
+        self._submitted: queue.Queue = queue.Queue()
+        self._completer = threading.Thread(target=self._complete_loop, name="stage-infer-complete", daemon=True)
+
+    def on_start(self) -> None:
+        self._completer.start()
 
     def process(self, batch: FrameBatch) -> None:
-        n = len(batch)
-        images = batch.slot.array
+        started = time.perf_counter()
+        self._free_lanes.acquire()  # waiting for a lane is back-pressure, not work
+        self._waited += time.perf_counter() - started
         try:
-            if n <= self.engine.max_batch:
-                batch.outputs = self.engine.infer(images[:n])
-            else:  # a model fixed at batch 1: one call per image
-                parts = [self.engine.infer(images[i : i + 1]) for i in range(n)]
-                batch.outputs = [np.concatenate(chunks) for chunks in zip(*parts)]
-        finally:
+            pending = self._submit(batch)
+        except BaseException:
+            self._free_lanes.release()
+            raise
+        self._submitted.put((batch, pending))
+
+    def _submit(self, batch: FrameBatch):
+        return self._workers.submit(self._infer_on_host, batch.slot.array[: len(batch)])
+
+    def _infer_on_host(self, images: np.ndarray) -> tuple[list[np.ndarray], float]:
+        started = time.perf_counter()
+        if len(images) <= self.engine.max_batch:
+            outputs = self.engine.infer(images)
+        else:  # a model fixed at batch 1: one call per image
+            parts = [self.engine.infer(images[i : i + 1]) for i in range(len(images))]
+            outputs = [np.concatenate(chunks) for chunks in zip(*parts)]
+        return outputs, time.perf_counter() - started
+
+    def _wait(self, batch: FrameBatch, pending):
+        """(outputs, release callback or None, seconds the inference took)."""
+        outputs, seconds = pending.result()
+        return outputs, None, seconds
+
+    def _complete_loop(self) -> None:
+        while True:
+            item = self._submitted.get()
+            if item is None:
+                return
+            batch, pending = item
+            try:
+                outputs, release, seconds = self._wait(batch, pending)
+            except Exception as exc:  # one failed batch is dropped and counted, like any bad item
+                self.metrics.drop("error", len(batch))
+                self._log_item_error(exc)
+                self.discard(batch)
+                continue
+            finally:
+                self._free_lanes.release()
             self.discard(batch)
-        for frame in batch.frames:
-            frame.mark("infer")
-        self.emit(batch)
+            batch.outputs, batch.release = outputs, release
+            for frame in batch.frames:
+                frame.mark("infer")
+            self.metrics.record_latency(seconds)
+            self.emit(batch)
+
+    def flush(self) -> None:
+        self._submitted.put(None)
+        self._completer.join()
 
     def discard(self, batch: FrameBatch) -> None:
         """The batch no longer needs its input: free the host slot and its in-flight credit."""
@@ -46,58 +104,32 @@ class InferStage(Stage):
             batch.slot = None
 
     def on_stop(self) -> None:
+        self._workers.shutdown(wait=True)
         self.engine.close()
 
 
 class LaneInferStage(InferStage):
-    """The GPU data path: batches go to free lanes (copy in, enqueue, copy out) and a completion
-    thread hands results on in submission order, so several batches are in flight at once.
-    Its latency is each batch's GPU wall time (H2D start to D2H end, from CUDA events)."""
+    """The GPU data path: each lane copies in, enqueues and copies out on its own CUDA stream.
 
-    name = "infer"
-    times_process = False
+    Its latency is each batch's GPU wall time (H2D start to D2H end, from CUDA events). The lanes'
+    pinned memory is freed by `Pipeline.close`, after postprocess has read the last outputs.
+    """
 
-    def __init__(self, inbox: BoundedQueue, outbox: BoundedQueue, lanes, pool: HostSlotPool, timeline: list | None = None):
-        super().__init__(inbox, outbox, lanes.engine, pool)
+    def __init__(self, inbox: BoundedQueue, outbox: BoundedQueue, lanes, pool: HostSlotPool, timeline=None):
+        super().__init__(inbox, outbox, lanes.engine, pool, lanes=len(lanes.lanes))
         self.lanes = lanes
-        self.timeline = timeline  # BatchTiming per batch, when the caller wants the overlap picture
-        self._submitted: queue.Queue = queue.Queue()
-        self._completer = threading.Thread(target=self._complete_loop, name="stage-infer-complete", daemon=True)
+        self.timeline = timeline  # recent BatchTiming records, for the overlap picture
 
-    def on_start(self) -> None:
-        self._completer.start()
-
-    def process(self, batch: FrameBatch) -> None:
-        started = time.perf_counter()
+    def _submit(self, batch: FrameBatch):
         self.lanes.submit(batch.slot.array[: len(batch)], tag=batch)
-        self._submitted.put(batch)
-        self._waited += time.perf_counter() - started  # waiting for a free lane is back-pressure
+        return None
 
-    def _complete_loop(self) -> None:
-        while True:
-            batch = self._submitted.get()
-            if batch is None:
-                return
-            try:
-                tag, outputs, timing, release = self.lanes.complete()
-                assert tag is batch, "lanes complete in submission order"
-            except Exception as exc:
-                self.failure = exc
-                self.discard(batch)
-                continue
-            self.discard(batch)
-            batch.outputs, batch.release = outputs, release
-            if self.timeline is not None:
-                self.timeline.append(timing)
-            for frame in batch.frames:
-                frame.mark("infer")
-            self.metrics.record_latency(timing.wall / 1000.0)
-            self.emit(batch)
-
-    def flush(self) -> None:
-        self._submitted.put(None)
-        self._completer.join()
+    def _wait(self, batch: FrameBatch, pending):
+        tag, outputs, timing, release = self.lanes.complete()
+        assert tag is batch, "lanes complete in submission order"
+        if self.timeline is not None:
+            self.timeline.append(timing)
+        return outputs, release, timing.wall / 1000.0
 
     def on_stop(self) -> None:
-        # the lanes' pinned output slots may still be read by postprocess: Pipeline.close frees them
-        pass
+        pass  # postprocess may still read the lanes' pinned outputs: Pipeline.close frees them

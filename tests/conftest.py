@@ -35,7 +35,7 @@ def make_config(tmp_path: Path, cameras: list[dict], name: str = "test.yaml", **
     config = {
         "cameras": cameras,
         "model": {"path": str(MODEL), "preset": "yolox", "labels": str(LABELS)},
-        "engine": {"kind": "onnxruntime", "intra_op_threads": 2, "max_batch": 4, "batch_timeout_ms": 10},
+        "engine": {"kind": "onnxruntime", "intra_op_threads": 1, "lanes": 2, "max_batch": 4, "batch_timeout_ms": 10},
         "publish": {"bind": f"tcp://127.0.0.1:{free_port()}"},
         "runtime": {"status_interval_s": 1},
     }

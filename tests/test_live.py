@@ -219,7 +219,7 @@ def test_pipeline_slower_than_cameras_keeps_latency_bounded(tmp_path, rtsp_serve
     fps = 25
     server = rtsp_server(fps=fps, size="640x480")
     cameras = [live_camera(f"c{i}", server.url()) for i in range(6)]
-    config, data = make_config(tmp_path, cameras, engine={"intra_op_threads": 1, "max_batch": 4},
+    config, data = make_config(tmp_path, cameras, engine={"intra_op_threads": 1, "lanes": 1, "max_batch": 4},
                                publish={"wait_subscribers": 1})
     summary_path = tmp_path / "summary.json"
     collector = Collector(data["publish"]["bind"])
