@@ -47,6 +47,10 @@ class DeviceEngine(Engine):
     def create_context(self, lane: int):
         return None
 
+    def warmup(self, context, stream_ptr: int, input_ptr: int, output_ptrs: list[int]) -> None:
+        """Do the one-off work (autotuning, graph capture) before the first real batch."""
+        self.enqueue(context, stream_ptr, input_ptr, output_ptrs, self.max_batch)
+
     @abstractmethod
     def enqueue(self, context, stream_ptr: int, input_ptr: int, output_ptrs: list[int], batch: int) -> None:
         ...

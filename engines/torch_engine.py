@@ -146,6 +146,15 @@ class TorchEngine(DeviceEngine):
         for y, r in zip(ys, result):
             y[:n].copy_(r)
 
+    def warmup(self, context: _LaneState, stream_ptr: int, input_ptr: int, output_ptrs: list[int]) -> None:
+        # capture every batch bucket now, not on the first batches of a running pipeline
+        size = 1
+        while True:
+            self.enqueue(context, stream_ptr, input_ptr, output_ptrs, size)
+            if size >= self.max_batch or not self.cuda_graphs:
+                break
+            size = min(size * 2, self.max_batch)
+
     def enqueue(self, context: _LaneState, stream_ptr: int, input_ptr: int, output_ptrs: list[int], batch: int) -> None:
         torch = self.torch
         stream = torch.cuda.ExternalStream(stream_ptr, device=self.device)
