@@ -118,6 +118,7 @@ class RuntimeConfig(_Strict):
     shutdown_deadline_s: Annotated[float, Field(gt=0)] = 2.0
     # OpenCV's own thread pool per call: 1 avoids oversubscription when many stage threads call it
     opencv_threads: Annotated[int, Field(ge=0)] = 1
+    letterbox_threads: Annotated[int, Field(ge=1, le=64)] = 1  # >1 for many large (1080p+) cameras
     # how long a Python thread may hold the GIL before another waiting thread gets it (sys.setswitchinterval)
     gil_switch_interval_ms: Annotated[float, Field(gt=0)] = 5.0
     # with a live camera: batches in flight from batching to the end of inference (latency bound)

@@ -80,7 +80,8 @@ class Pipeline:
         self.batch = BatchStage(FanIn([s.outbox for s in self.sources]), batched, self.engine.max_batch,
                                 config.engine.batch_timeout_ms / 1000.0, credits)
         previews = config.publish.preview.enabled  # previews need the decoded image until publish
-        self.letterbox = LetterboxStage(batched, boxed, self.pool, model.preset, keep_images=previews)
+        self.letterbox = LetterboxStage(batched, boxed, self.pool, model.preset, keep_images=previews,
+                                        threads=config.runtime.letterbox_threads)
         if self.pinned is not None:
             self.timeline = collections.deque(maxlen=4096)  # recent batches' CUDA-event timings
             self.infer = LaneInferStage(boxed, inferred, self.lanes, self.pool, self.timeline)
