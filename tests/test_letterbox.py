@@ -52,3 +52,29 @@ def test_pixels_written_in_place(align, src_w, src_h):
     padding[y0:y1, x0:x1] = False
     assert (slot[1][padding] == 114).all()
     assert (slot[0] == 7).all()
+
+
+def test_threaded_stage_writes_the_same_rows_as_one_thread():
+    from pipeline.buffers import HostSlotPool
+    from pipeline.model import PRESETS
+    from pipeline.queues import CLOSED, BoundedQueue
+    from pipeline.record import Frame, FrameBatch
+    from stages.letterbox import LetterboxStage
+
+    rng = np.random.default_rng(7)
+    sizes = [(1920, 1080), (640, 480), (33, 71), (1280, 720)]
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for w, h in sizes]
+    results = []
+    for threads in (1, 3):
+        inbox, outbox = BoundedQueue(2), BoundedQueue(2)
+        pool = HostSlotPool(2, (4, 416, 416, 3))
+        stage = LetterboxStage(inbox, outbox, pool, PRESETS["yolov8"], threads=threads)
+        frames = [Frame("c", i, None, 0.0, img, (img.shape[1], img.shape[0])) for i, img in enumerate(images)]
+        inbox.put(FrameBatch(frames))
+        inbox.close()
+        stage.start()
+        batch = outbox.get(timeout=10)
+        assert outbox.get(timeout=10) is CLOSED and stage.join(5)
+        results.append((batch.slot.array.copy(), [f.letterbox for f in batch.frames]))
+        assert all(f.image is None for f in batch.frames)
+    assert np.array_equal(results[0][0], results[1][0]) and results[0][1] == results[1][1]
