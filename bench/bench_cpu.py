@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,17 +30,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import CLIP, LABELS, MODEL, commit, timed_pipeline  # noqa: E402
 from engines.onnxruntime_engine import OnnxRuntimeEngine  # noqa: E402
-from pipeline.config import parse_config  # noqa: E402
-from pipeline.graph import Pipeline  # noqa: E402
 from pipeline.model import prepare_model  # noqa: E402
 from stages.letterbox import letterbox_into  # noqa: E402
 from stages.postprocess import detect  # noqa: E402
 
-ASSETS = Path(os.environ.get("ASSETS_DIR", ROOT.parent / "shared" / "assets"))
-MODEL = ASSETS / "models" / "yolox_nano.onnx"
-LABELS = ASSETS / "models" / "coco_classes.txt"
-CLIP = ASSETS / "videos" / "one-by-one-person-detection.mp4"
 
 
 def machine() -> str:
@@ -54,13 +48,6 @@ def machine() -> str:
     except OSError:
         pass
     return f"{os.cpu_count()} cores, {cpu}, {platform.system()} {platform.machine()}"
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def clip_prefix(frames: int, out_dir: Path) -> Path:
@@ -117,23 +104,14 @@ def engine_alone(path: Path, engine, preset, hw, batch: int, concurrent: int = 1
 
 
 def pipeline_run(path: Path, threads: int, batch: int, spin: bool, color_conversion: str = "swscale", lanes: int = 1) -> float:
-    import logging
-
-    logging.getLogger("pipeline").setLevel(logging.WARNING)
-    config = parse_config({
+    fps, _ = timed_pipeline({
         "cameras": [{"id": "bench", "url": str(path), "color_conversion": color_conversion}],
         "model": {"path": str(MODEL), "preset": "yolox", "labels": str(LABELS)},
-        "engine": {"kind": "onnxruntime", "intra_op_threads": threads, "lanes": lanes, "max_batch": batch, "batch_timeout_ms": 20,
-                   "spin": spin},
-        "publish": {"bind": "tcp://127.0.0.1:0"},
+        "engine": {"kind": "onnxruntime", "intra_op_threads": threads, "lanes": lanes, "max_batch": batch,
+                   "batch_timeout_ms": 20, "spin": spin},
         "runtime": {"status_interval_s": 3600},
-    }, "bench.yaml")
-    pipeline = Pipeline(config)
-    start = time.perf_counter()
-    pipeline.start()
-    pipeline.wait()
-    elapsed = time.perf_counter() - start
-    return pipeline.publish.metrics.frames_out / elapsed
+    })
+    return fps
 
 
 def main() -> int:

@@ -20,7 +20,6 @@ import logging
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,22 +31,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import CLIP, MODEL, commit, timed_pipeline  # noqa: E402
 from engines import create_engine  # noqa: E402
 from pipeline import cuda  # noqa: E402
-from pipeline.config import EngineConfig, parse_config  # noqa: E402
-from pipeline.graph import Pipeline  # noqa: E402
+from pipeline.config import EngineConfig  # noqa: E402
 from pipeline.lanes import LaneSet  # noqa: E402
 from pipeline.model import prepare_model  # noqa: E402
 from stages.letterbox import letterbox_into  # noqa: E402
 
-ASSETS = Path(os.environ.get("ASSETS_DIR", ROOT.parent / "shared" / "assets"))
-MODEL = ASSETS / "models" / "yolox_nano.onnx"
-CLIP = ASSETS / "videos" / "one-by-one-person-detection.mp4"
-
-
-def commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return out or os.environ.get("BENCH_COMMIT", "unknown")
 
 
 def transfers(report: list[str], data: dict) -> None:
@@ -162,24 +153,18 @@ def make_1080p(out: Path, frames: int) -> Path:
     return target
 
 
-def pipeline_fps(clip: Path, cameras: int, engine: dict, switch_ms: float = 5.0, letterbox_threads: int = 1) -> tuple[float, dict]:
-    config = parse_config({
+def pipeline_fps(clip: Path, cameras: int, engine: dict, letterbox_threads: int = 1) -> tuple[float, dict]:
+    fps, pipeline = timed_pipeline({
         "cameras": [{"id": f"cam{i}", "url": str(clip), "decode_threads": 2, "color_conversion": "opencv"}
                     for i in range(cameras)],
         "model": {"path": str(MODEL), "preset": "yolox"},
         "engine": engine,
-        "publish": {"bind": "tcp://127.0.0.1:0"},
         "runtime": {"status_interval_s": 3600, "host_slots": max(4, engine["lanes"] + 3), "queue_size": 8,
-                    "gil_switch_interval_ms": switch_ms, "letterbox_threads": letterbox_threads},
-    }, "bench.yaml")
-    pipeline = Pipeline(config)
-    started = time.perf_counter()
-    pipeline.start()
-    pipeline.wait()
-    elapsed = time.perf_counter() - started
+                    "letterbox_threads": letterbox_threads},
+    })
     summary = pipeline.snapshot()
     pipeline.close()
-    return pipeline.publish.metrics.frames_out / elapsed, {k: v.get("latency_ms_p50") for k, v in summary["stages"].items()}
+    return fps, {k: v.get("latency_ms_p50") for k, v in summary["stages"].items()}
 
 
 def throughput_1080p(engine_config: EngineConfig, report: list[str], data: dict, cameras: int, clip_frames: int,

@@ -9,7 +9,6 @@ are padded up to the next power of two so a handful of graphs cover every size).
 
 from __future__ import annotations
 
-import io
 
 import numpy as np
 

@@ -84,6 +84,20 @@ class Subscriber:
         self.socket.close(0)
 
 
+def run_and_collect(config_path: Path, endpoint: str, topic: bytes, *args: str, timeout: float = 240):
+    """Run the CLI with a subscriber on `topic` (the config should wait for it) until the camera's end
+    message: (exit code, [(topic, header)], stderr)."""
+    subscriber = Subscriber(endpoint, [topic])
+    process = start_cli("--config", str(config_path), *args)
+    try:
+        messages = subscriber.collect(lambda ms: ms[-1][1]["type"] == "end", timeout=timeout)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        subscriber.close()
+    return process.returncode, messages, err
+
+
 @pytest.fixture
 def assets_present():
     if not MODEL.is_file() or not PERSON_CLIP.is_file():

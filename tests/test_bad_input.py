@@ -1,11 +1,9 @@
 """Bad input never crashes or hangs: one clear line naming the file/key/camera, the right exit code."""
 
-import shutil
 import socket
 
-import pytest
 
-from conftest import LABELS, MODEL, PERSON_CLIP, Subscriber, free_port, make_config, run_cli
+from conftest import PERSON_CLIP, Subscriber, free_port, make_config, run_cli
 
 
 def assert_one_line_error(result, code: int, *needles: str) -> str:

@@ -3,7 +3,7 @@ detections checked against a plain per-frame implementation of the same model.""
 
 import pytest
 
-from conftest import MODEL, PERSON_CLIP, Subscriber, make_config, run_cli, start_cli
+from conftest import MODEL, PERSON_CLIP, make_config, run_and_collect
 from reference import ReferenceDetector, read_frames, unmatched
 
 CLIP_FRAMES = 1394  # one-by-one-person-detection.mp4
@@ -15,16 +15,7 @@ def demo_run(tmp_path_factory, assets_present_module):
     tmp = tmp_path_factory.mktemp("e2e")
     path, config = make_config(tmp, [{"id": "cam1", "url": str(PERSON_CLIP)}],
                                publish={"wait_subscribers": 1, "wait_timeout_s": 20})
-    # a camera named cam10 would share cam1's prefix without the topic's closing slash
-    subscriber = Subscriber(config["publish"]["bind"], [b"det/cam1/"])
-    process = start_cli("--config", str(path), "--summary-json", str(tmp / "summary.json"))
-    try:
-        messages = subscriber.collect(lambda ms: ms[-1][1]["type"] == "end", timeout=240)
-        out, err = process.communicate(timeout=60)
-    finally:
-        process.kill()
-        subscriber.close()
-    return process.returncode, messages, err
+    return run_and_collect(path, config["publish"]["bind"], b"det/cam1/", "--summary-json", str(tmp / "summary.json"))
 
 
 @pytest.fixture(scope="module")

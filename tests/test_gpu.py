@@ -10,7 +10,7 @@ import importlib
 import numpy as np
 import pytest
 
-from conftest import MODEL, PERSON_CLIP, Subscriber, make_config, run_cli, start_cli
+from conftest import MODEL, PERSON_CLIP, make_config, run_and_collect, run_cli
 from reference import unmatched
 
 
@@ -50,15 +50,8 @@ def _frames(tmp_path, engine: dict, name: str) -> dict[int, list[dict]]:
     """Run the CLI with this engine on the demo clip; the detections a real subscriber received."""
     path, config = make_config(tmp_path, [{"id": "cam", "url": str(PERSON_CLIP)}], name=f"{name}.yaml", engine=engine,
                                publish={"wait_subscribers": 1, "wait_timeout_s": 60})
-    subscriber = Subscriber(config["publish"]["bind"], [b"det/cam/"])
-    process = start_cli("--config", str(path))
-    try:
-        messages = subscriber.collect(lambda ms: ms[-1][1]["type"] == "end", timeout=300)
-        _, err = process.communicate(timeout=60)
-    finally:
-        process.kill()
-        subscriber.close()
-    assert process.returncode == 0, err
+    returncode, messages, err = run_and_collect(path, config["publish"]["bind"], b"det/cam/", timeout=300)
+    assert returncode == 0, err
     return {m["frame"]: m["detections"] for _, m in messages if m["type"] == "detections"}
 
 

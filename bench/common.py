@@ -1,0 +1,42 @@
+"""What the benchmark scripts share: where the assets are, the commit, and a timed pipeline run."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from pipeline.config import parse_config  # noqa: E402
+from pipeline.graph import Pipeline  # noqa: E402
+
+ASSETS = Path(os.environ.get("ASSETS_DIR", ROOT.parent / "shared" / "assets"))
+MODEL = ASSETS / "models" / "yolox_nano.onnx"
+LABELS = ASSETS / "models" / "coco_classes.txt"
+CLIP = ASSETS / "videos" / "one-by-one-person-detection.mp4"
+
+
+def commit() -> str:
+    """The checkout's commit; BENCH_COMMIT where the tree travelled without its git folder."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        out = ""
+    return out or os.environ.get("BENCH_COMMIT", "unknown")
+
+
+def timed_pipeline(config: dict) -> tuple[float, Pipeline]:
+    """Run the real pipeline on `config` (a config mapping) to its end: (frames published per second, pipeline)."""
+    logging.getLogger("pipeline").setLevel(logging.WARNING)
+    pipeline = Pipeline(parse_config({"publish": {"bind": "tcp://127.0.0.1:0"}, **config}, "bench.yaml"))
+    started = time.perf_counter()
+    pipeline.start()
+    pipeline.wait()
+    elapsed = time.perf_counter() - started
+    return pipeline.publish.metrics.frames_out / elapsed, pipeline
