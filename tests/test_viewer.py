@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import zmq
 
-from conftest import PERSON_CLIP, ROOT, Subscriber, make_config, run_cli, start_cli
+from conftest import PERSON_CLIP, ROOT, make_config, run_and_collect, start_cli
 from viewer.annotate import class_color
 from viewer.stream import LOST_AFTER_FRAMES, CameraStream
 
@@ -126,13 +126,8 @@ def test_headless_recording_has_the_overlays_where_the_detections_say(tmp_path, 
     env = {"DISPLAY": "", "WAYLAND_DISPLAY": ""}  # no display: recording turns headless by itself
     viewer = start_cli("view", "--connect", endpoint, "--camera", "cam1", "--record", str(video), "--snapshot-dir",
                        str(snaps), "--snapshot-every", "0", "--exit-on-end", "--log-level", "debug", env=env)
-    subscriber = Subscriber(endpoint, [b"det/cam1/"])
-    try:
-        result = run_cli("--config", str(config), timeout=120)
-        assert result.returncode == 0, result.stderr[-2000:]
-        messages = subscriber.collect(lambda m: m[-1][1]["type"] == "end", timeout=30)
-    finally:
-        subscriber.close()
+    returncode, messages, pipeline_err = run_and_collect(config, endpoint, b"det/cam1/", timeout=120)
+    assert returncode == 0, pipeline_err[-2000:]
     _out, err = finish(viewer)
     assert viewer.returncode == 0, err[-2000:]
     detections = {h["frame"]: h for _t, h in messages if h["type"] == "detections"}
@@ -201,13 +196,8 @@ def test_window_under_xvfb_shows_the_person_box_and_q_quits(tmp_path, person_cli
     endpoint = cfg["publish"]["bind"]
     env = {"DISPLAY": xvfb, "QT_QPA_PLATFORM": "xcb"}
     viewer = start_cli("view", "--connect", endpoint, "--camera", "cam1", "--log-level", "debug", env=env)
-    subscriber = Subscriber(endpoint, [b"det/cam1/"])
-    try:
-        result = run_cli("--config", str(config), timeout=120)
-        assert result.returncode == 0, result.stderr[-2000:]
-        messages = subscriber.collect(lambda m: m[-1][1]["type"] == "end", timeout=30)
-    finally:
-        subscriber.close()
+    returncode, messages, pipeline_err = run_and_collect(config, endpoint, b"det/cam1/", timeout=120)
+    assert returncode == 0, pipeline_err[-2000:]
     time.sleep(1.5)  # the viewer has drawn the last frame and keeps showing it
     assert viewer.poll() is None, viewer.communicate()[1][-2000:]
     screen = capture_screen(xvfb, tmp_path / "screen.png")
