@@ -51,16 +51,18 @@ class Pipeline:
         self.model = model
         size = config.runtime.queue_size
         h, w = model.input_hw
+        # every lane holds a slot while its batch is in flight; letterbox needs one more to fill
+        slots = max(config.runtime.host_slots, config.engine.lanes + 2)
         self.pinned = None
         if isinstance(self.engine, DeviceEngine):  # GPU: pinned slots, so H2D copies are DMA and overlap
             from pipeline.cuda import PinnedAllocator
             from pipeline.lanes import LaneSet
 
             self.pinned = PinnedAllocator()
-            self.pool = HostSlotPool(config.runtime.host_slots, (self.engine.max_batch, h, w, 3), allocator=self.pinned)
+            self.pool = HostSlotPool(slots, (self.engine.max_batch, h, w, 3), allocator=self.pinned)
             self.lanes = LaneSet(self.engine, config.engine.lanes)
         else:
-            self.pool = HostSlotPool(config.runtime.host_slots, (self.engine.max_batch, h, w, 3))
+            self.pool = HostSlotPool(slots, (self.engine.max_batch, h, w, 3))
         self.socket = bind_publisher(config.publish)
 
         self.sources: list[SourceStage] = []
