@@ -119,8 +119,6 @@ class RuntimeConfig(_Strict):
     # OpenCV's own thread pool per call: 1 avoids oversubscription when many stage threads call it
     opencv_threads: Annotated[int, Field(ge=0)] = 1
     letterbox_threads: Annotated[int, Field(ge=1, le=64)] = 1  # >1 for many large (1080p+) cameras
-    # how long a Python thread may hold the GIL before another waiting thread gets it (sys.setswitchinterval)
-    gil_switch_interval_ms: Annotated[float, Field(gt=0)] = 5.0
     # with a live camera: batches in flight from batching to the end of inference (latency bound)
     live_batches_in_flight: Annotated[int, Field(ge=1)] = 1
     log_level: Literal["debug", "info", "warning", "error"] = "info"

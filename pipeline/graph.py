@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import sys
 import threading
 import time
 from pathlib import Path
@@ -41,7 +40,6 @@ class Pipeline:
         self.config = config
         self.stop_event = threading.Event()
         cv2.setNumThreads(config.runtime.opencv_threads)
-        sys.setswitchinterval(config.runtime.gil_switch_interval_ms / 1000.0)
         for i, camera in enumerate(config.cameras):  # a missing file is a config mistake: fail before loading anything
             if not camera.is_live and not Path(camera.url).is_file():
                 raise ConfigError(f"cameras[{i}].url: camera {camera.id}: {camera.url}: file not found")
