@@ -22,8 +22,8 @@ from pipeline.errors import PipelineError
 log = logging.getLogger("pipeline")
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()), format="%(asctime)s %(levelname)s %(message)s",
+def _setup_logging(level: str, tag: str = "") -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), format=f"%(asctime)s %(levelname)s {tag}%(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
 
 
@@ -47,8 +47,19 @@ def cmd_run(args) -> int:
     from pipeline.config import load_config
 
     config = load_config(args.config)
-    _setup_logging(args.log_level or config.runtime.log_level)
+    worker = None
+    if args.worker:
+        from pipeline.workers import worker_config
+
+        index, count = (int(part) for part in args.worker.split("/"))
+        worker = index
+        config = worker_config(config, index, count)
+    _setup_logging(args.log_level or config.runtime.log_level, f"[worker {worker}] " if worker is not None else "")
     _limit_malloc_arenas()
+    if config.runtime.workers and not args.check:
+        from pipeline.workers import run_workers
+
+        return run_workers(config, args.config, args.summary_json, args.log_level)
     if args.check:
         from pipeline.graph import Pipeline  # builds model, engine and socket: everything but the run
         Pipeline(config).socket.close(0)
@@ -56,7 +67,7 @@ def cmd_run(args) -> int:
         return 0
     from pipeline.graph import Pipeline
 
-    pipeline = Pipeline(config)
+    pipeline = Pipeline(config, publish_connect=args.publish_connect)
     stop_requested = threading.Event()
 
     def on_signal(signum, _frame):
@@ -151,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override runtime.log_level")
     run.add_argument("--summary-json", metavar="PATH", help="write final statistics (frames, fps, per-stage latency, drops) as JSON")
     run.add_argument("--check", action="store_true", help="validate the config, load the model and bind the publisher, then exit")
+    run.add_argument("--worker", metavar="I/N", help=argparse.SUPPRESS)  # set by the supervisor (runtime.workers)
+    run.add_argument("--publish-connect", metavar="ENDPOINT", help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
 
     sub = commands.add_parser("subscribe", help="print the messages one or more cameras publish")

@@ -35,12 +35,19 @@ class CameraConfig(_Strict):
     rtsp_transport: Literal["tcp", "udp"] = "tcp"
     decode_threads: Annotated[int, Field(ge=0, le=64)] = 0  # 0 = let FFmpeg choose
     color_conversion: Literal["swscale", "opencv"] = "swscale"  # opencv: GIL-free, for many cameras
+    # nvdec: decode on the GPU (FFmpeg's CUDA hwaccel through PyAV), frames stay in device memory and
+    # are letterboxed there; needs a GPU engine. Streams NVDEC cannot decode fall back to the CPU.
+    decoder: Literal["cpu", "nvdec"] = "cpu"
     open_timeout_s: Annotated[float, Field(gt=0)] = 5.0
     read_timeout_s: Annotated[float, Field(gt=0)] = 5.0
     reconnect_base_s: Annotated[float, Field(gt=0)] = 0.5
     reconnect_cap_s: Annotated[float, Field(gt=0)] = 10.0
     stall_timeout_s: Annotated[float, Field(gt=0)] = 5.0
     live: bool | None = None  # None = decided from the URL (network and devices are live)
+
+    @property
+    def is_file(self) -> bool:
+        return ("://" not in self.url or self.url.startswith("file://")) and not self.url.startswith("/dev/video")
 
     @property
     def is_live(self) -> bool:
@@ -119,9 +126,16 @@ class RuntimeConfig(_Strict):
     # OpenCV's own thread pool per call: 1 avoids oversubscription when many stage threads call it
     opencv_threads: Annotated[int, Field(ge=0)] = 1
     letterbox_threads: Annotated[int, Field(ge=1, le=64)] = 1  # >1 for many large (1080p+) cameras
+    # where letterbox runs: "gpu" uploads YUV (or reads NVDEC's frames in place) and letterboxes with
+    # one CUDA kernel a frame; "auto" = gpu when a camera decodes with nvdec, else cpu
+    letterbox_device: Literal["auto", "cpu", "gpu"] = "auto"
     # with a live camera: batches in flight from batching to the end of inference (latency bound)
     live_batches_in_flight: Annotated[int, Field(ge=1)] = 1
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # >0: cameras dealt round-robin to this many worker processes, each a whole pipeline with its
+    # own CUDA context, publishing through one endpoint (pipeline/workers.py); 0 = one process
+    workers: Annotated[int, Field(ge=0, le=64)] = 0
+    worker_devices: list[Annotated[int, Field(ge=0)]] = []  # GPU of worker i: worker_devices[i % len]; [] = engine.device
 
 
 class Config(_Strict):
@@ -140,6 +154,23 @@ class Config(_Strict):
                 raise ValueError(f"camera id {camera.id!r} is used twice")
             seen.add(camera.id)
         return cameras
+
+    @model_validator(mode="after")
+    def _gpu_features_need_gpu_engine(self) -> "Config":
+        if not self.engine.on_gpu:
+            for i, camera in enumerate(self.cameras):
+                if camera.decoder == "nvdec":
+                    raise ValueError(f"cameras[{i}].decoder: nvdec needs a GPU engine (engine.kind torch or tensorrt), "
+                                     f"not {self.engine.kind}")
+            if self.runtime.letterbox_device == "gpu":
+                raise ValueError(f"runtime.letterbox_device: gpu needs a GPU engine, not {self.engine.kind}")
+        return self
+
+    @property
+    def letterbox_on_gpu(self) -> bool:
+        if self.runtime.letterbox_device == "auto":
+            return any(camera.decoder == "nvdec" for camera in self.cameras)
+        return self.runtime.letterbox_device == "gpu"
 
 
 def _expand_env(node, path: str, source: Path):
@@ -206,6 +237,8 @@ def parse_config(data, source: Path | str = "<config>") -> Config:
         first = exc.errors()[0]
         more = exc.error_count() - 1
         suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+        if not first["loc"] and first["type"] == "value_error":  # a whole-config rule names its own keys
+            raise ConfigError(f"{source}: {first['ctx']['error']}{suffix}") from None
         raise ConfigError(f"{source}: {_key_path(first['loc'])}: {_describe(first)}{suffix}") from None
 
 

@@ -99,9 +99,38 @@ class DeviceBuffer:
             self.ptr = 0
 
 
-class Stream:
+class DeviceArray:
+    """A device allocation seen as an array: pointer, shape and dtype (no data access from the host)."""
+
+    def __init__(self, ptr: int, shape: tuple[int, ...], dtype: np.dtype):
+        self.ptr, self.shape, self.dtype = ptr, tuple(shape), np.dtype(dtype)
+        self.nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def row_ptr(self, row: int) -> int:
+        return self.ptr + row * (self.nbytes // self.shape[0])
+
+
+class DeviceAllocator:
+    """Device memory for slot pools (`pipeline.buffers`): the GPU letterbox's batch buffers."""
+
     def __init__(self):
-        self.handle = check(_rt().cudaStreamCreateWithFlags(_rt().cudaStreamNonBlocking), "cudaStreamCreateWithFlags")
+        self._owned: list[DeviceBuffer] = []
+
+    def __call__(self, shape: tuple[int, ...], dtype: np.dtype) -> DeviceArray:
+        buffer = DeviceBuffer(int(np.prod(shape)) * np.dtype(dtype).itemsize)
+        self._owned.append(buffer)
+        return DeviceArray(buffer.ptr, shape, dtype)
+
+    def free(self) -> None:
+        while self._owned:
+            self._owned.pop().free()
+
+
+class Stream:
+    def __init__(self, blocking: bool = False):
+        # a blocking stream also waits for the legacy default stream, where FFmpeg's NVDEC copies run
+        flags = _rt().cudaStreamDefault if blocking else _rt().cudaStreamNonBlocking
+        self.handle = check(_rt().cudaStreamCreateWithFlags(flags), "cudaStreamCreateWithFlags")
         self.ptr = int(self.handle)
 
     def synchronize(self) -> None:
@@ -160,3 +189,24 @@ def copy_to_host(dst: np.ndarray, src_ptr: int, nbytes: int, stream: Stream) -> 
     rt = _rt()
     check(rt.cudaMemcpyAsync(dst.ctypes.data, src_ptr, nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream.handle),
           "cudaMemcpyAsync(device to host)")
+
+
+def copy_device_to_device(dst_ptr: int, src_ptr: int, nbytes: int, stream: Stream) -> None:
+    rt = _rt()
+    check(rt.cudaMemcpyAsync(dst_ptr, src_ptr, nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, stream.handle),
+          "cudaMemcpyAsync(device to device)")
+
+
+def copy_2d_to_device(dst_ptr: int, dst_pitch: int, src_ptr: int, src_pitch: int, width: int, height: int,
+                      stream: Stream) -> None:
+    """A pitched host image (a decoded plane, pageable) into device memory."""
+    rt = _rt()
+    check(rt.cudaMemcpy2DAsync(dst_ptr, dst_pitch, src_ptr, src_pitch, width, height,
+                               rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream.handle), "cudaMemcpy2DAsync(host to device)")
+
+
+def copy_2d_to_host(dst: np.ndarray, src_ptr: int, src_pitch: int, width: int, height: int) -> None:
+    """A pitched device image into a contiguous host array (synchronous: previews only)."""
+    rt = _rt()
+    check(rt.cudaMemcpy2D(dst.ctypes.data, width, src_ptr, src_pitch, width, height,
+                          rt.cudaMemcpyKind.cudaMemcpyDeviceToHost), "cudaMemcpy2D(device to host)")

@@ -27,16 +27,16 @@ from pipeline.model import prepare_model, read_labels
 from pipeline.queues import BoundedQueue, Credits, FanIn
 from stages.batch import BatchStage
 from stages.infer import InferStage, LaneInferStage
-from stages.letterbox import LetterboxStage
+from stages.letterbox import GpuLetterboxStage, LetterboxStage
 from stages.postprocess import PostprocessStage
-from stages.publish import PublishStage, bind_publisher, wait_for_subscribers
+from stages.publish import PreviewGate, PublishStage, bind_publisher, wait_for_subscribers
 from stages.source import SourceStage
 
 log = logging.getLogger("pipeline")
 
 
 class Pipeline:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, publish_connect: str | None = None):
         self.config = config
         self.stop_event = threading.Event()
         cv2.setNumThreads(config.runtime.opencv_threads)
@@ -51,23 +51,28 @@ class Pipeline:
         h, w = model.input_hw
         # every lane holds a slot while its batch is in flight; letterbox needs one more to fill
         slots = max(config.runtime.host_slots, config.engine.lanes + 2)
-        self.pinned = None
-        if isinstance(self.engine, DeviceEngine):  # GPU: pinned slots, so H2D copies are DMA and overlap
-            from pipeline.cuda import PinnedAllocator
+        self.pinned = self.device_slots = None
+        if isinstance(self.engine, DeviceEngine):
+            from pipeline.cuda import DeviceAllocator, PinnedAllocator
             from pipeline.lanes import LaneSet
 
             self.pinned = PinnedAllocator()
-            self.pool = HostSlotPool(slots, (self.engine.max_batch, h, w, 3), allocator=self.pinned)
+            if config.letterbox_on_gpu:  # letterboxed on the GPU: the batch buffers live there too
+                self.device_slots = DeviceAllocator()
+                self.pool = HostSlotPool(slots, (self.engine.max_batch, h, w, 3), allocator=self.device_slots)
+            else:  # pinned slots, so H2D copies are DMA and overlap
+                self.pool = HostSlotPool(slots, (self.engine.max_batch, h, w, 3), allocator=self.pinned)
             self.lanes = LaneSet(self.engine, config.engine.lanes)
         else:
             self.pool = HostSlotPool(slots, (self.engine.max_batch, h, w, 3))
-        self.socket = bind_publisher(config.publish)
+        self.socket = bind_publisher(config.publish, connect=publish_connect)
 
         self.sources: list[SourceStage] = []
         for camera in config.cameras:
             policy = "drop_oldest" if camera.is_live else "block"
             queue = BoundedQueue(2 if camera.is_live else size, policy, name=f"camera.{camera.id}")
-            source = SourceStage(camera, queue, self.stop_event)
+            source = SourceStage(camera, queue, self.stop_event, keep_video=config.letterbox_on_gpu,
+                                 device=config.engine.device)
             queue._on_drop = lambda _item, s=source: s.metrics.drop("queue_full")
             self.sources.append(source)
 
@@ -80,8 +85,14 @@ class Pipeline:
         self.batch = BatchStage(FanIn([s.outbox for s in self.sources]), batched, self.engine.max_batch,
                                 config.engine.batch_timeout_ms / 1000.0, credits)
         previews = config.publish.preview.enabled  # previews need the decoded image until publish
-        self.letterbox = LetterboxStage(batched, boxed, self.pool, model.preset, keep_images=previews,
-                                        threads=config.runtime.letterbox_threads)
+        preview_gate = PreviewGate(config.publish.preview.max_fps) if previews else None
+        if config.letterbox_on_gpu:
+            self.letterbox = GpuLetterboxStage(batched, boxed, self.pool, model.preset, config.engine.device, preview_gate)
+            preview_gate_at_publish = None  # the letterbox brings back only the frames the gate picked
+        else:
+            self.letterbox = LetterboxStage(batched, boxed, self.pool, model.preset, keep_images=previews,
+                                            threads=config.runtime.letterbox_threads)
+            preview_gate_at_publish = preview_gate
         if self.pinned is not None:
             self.timeline = collections.deque(maxlen=4096)  # recent batches' CUDA-event timings
             self.infer = LaneInferStage(boxed, inferred, self.lanes, self.pool, self.timeline)
@@ -91,7 +102,7 @@ class Pipeline:
                                             config.model.conf_threshold, config.model.nms_iou, config.model.max_detections,
                                             config.model.classes)
         self.publish = PublishStage(detected, self.socket, self.labels, config.publish.topic_prefix,
-                                    [c.id for c in config.cameras], config.publish.preview)
+                                    [c.id for c in config.cameras], config.publish.preview, preview_gate_at_publish)
         self.stages = [*self.sources, self.batch, self.letterbox, self.infer, self.postprocess, self.publish]
         self.status = StatusReporter([s.metrics for s in self.stages], self.publish.metrics)
 
@@ -174,6 +185,8 @@ class Pipeline:
             self.engine.close()
             self.pinned.free()
             self.pinned = None
+            if self.device_slots is not None:
+                self.device_slots.free()
 
     def snapshot(self) -> dict:
         summary = self.status.summary()

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.buffers import HostSlotPool
-from pipeline.cuda import DeviceBuffer, Event, PinnedAllocator, Stream, copy_to_device, copy_to_host
+from pipeline.cuda import (DeviceArray, DeviceBuffer, Event, PinnedAllocator, Stream, copy_device_to_device, copy_to_device,
+                           copy_to_host)
 
 
 @dataclass
@@ -85,18 +86,22 @@ class LaneSet:
         self.output_pools = [HostSlotPool(pinned_outputs or lanes + 2, (engine.max_batch, *shape), np.float32, self.allocator)
                              for shape in self.output_shapes]
 
-    def submit(self, images: np.ndarray, tag=None, timeout: float | None = None) -> bool:
-        """Queue one batch (uint8 [n, H, W, 3], pinned for real overlap); False if no lane freed in time."""
+    def submit(self, images: np.ndarray | DeviceArray, tag=None, timeout: float | None = None, n: int | None = None) -> bool:
+        """Queue one batch of `n` images (uint8 [n, H, W, 3]): host memory (pinned, for real overlap) or
+        a device batch the GPU letterbox filled. False if no lane freed in time."""
         try:
             lane = self._free.get(timeout=timeout)
         except queue.Empty:
             return False
-        n = images.shape[0]
+        n = images.shape[0] if n is None else n
         slots = [pool.acquire() for pool in self.output_pools]
         start, h2d, compute, d2h = lane.events
         try:
             start.record(lane.stream)
-            copy_to_device(lane.d_input.ptr, images, n * self.input_bytes, lane.stream)
+            if isinstance(images, DeviceArray):  # already letterboxed on the GPU: a device-to-device copy
+                copy_device_to_device(lane.d_input.ptr, images.ptr, n * self.input_bytes, lane.stream)
+            else:
+                copy_to_device(lane.d_input.ptr, images, n * self.input_bytes, lane.stream)
             h2d.record(lane.stream)
             self.engine.enqueue(lane.context, lane.stream.ptr, lane.d_input.ptr, [b.ptr for b in lane.d_outputs], n)
             compute.record(lane.stream)

@@ -47,9 +47,12 @@ class Frame:
     index: int  # 0-based frame count per camera (never reused across reconnects)
     pts: float | None  # presentation time in seconds, None when the stream gives none
     capture_time: float  # wall clock (time.time()) when the frame left the decoder
-    image: np.ndarray | None  # decoded BGR uint8 [h, w, 3]; released after letterbox
+    image: np.ndarray | None  # decoded BGR uint8 [h, w, 3] (None when `video` holds it); released after letterbox
     source_size: tuple[int, int]  # (width, height)
     letterbox: Letterbox | None = None
+    # the decoded PyAV frame itself, when letterbox runs on the GPU: YUV on the host, or NV12 still
+    # in device memory (NVDEC); released by the letterbox once its kernel has read it
+    video: object | None = None
     detections: Detections | None = None
     # stage name -> monotonic time the frame left that stage
     marks: dict[str, float] = field(default_factory=dict)

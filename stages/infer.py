@@ -121,7 +121,7 @@ class LaneInferStage(InferStage):
         self.timeline = timeline  # recent BatchTiming records, for the overlap picture
 
     def _submit(self, batch: FrameBatch):
-        self.lanes.submit(batch.slot.array[: len(batch)], tag=batch)
+        self.lanes.submit(batch.slot.array, tag=batch, n=len(batch))
         return None
 
     def _wait(self, batch: FrameBatch, pending):

@@ -100,3 +100,127 @@ class LetterboxStage(Stage):
         if batch.slot is not None:
             self.pool.release(batch.slot)
             batch.slot = None
+
+
+class GpuLetterboxStage(Stage):
+    """Letterbox on the GPU into a device batch buffer (see `pipeline.gpu_letterbox`).
+
+    Frames carry their decoded PyAV frame (`Frame.video`): NV12 in device memory from NVDEC is
+    read in place; YUV 4:2:0 from a CPU decoder is uploaded plane by plane (1.5 bytes a pixel
+    instead of BGR's 3, and no colour conversion or resize on the CPU). One kernel launch a frame;
+    the batch waits for its kernels before it moves on, so decoder surfaces go back to NVDEC at
+    once and any lane can read the buffer. With previews on, a frame picked by `preview_gate` is
+    also converted to BGR on the host for the publisher.
+    """
+
+    name = "letterbox"
+
+    def __init__(self, inbox: BoundedQueue, outbox: BoundedQueue, pool: HostSlotPool, preset: Preset, device: int,
+                 preview_gate=None):
+        from pipeline.cuda import Event, Stream, set_device
+        from pipeline.gpu_letterbox import GpuLetterboxer
+
+        super().__init__(inbox, outbox)
+        self.pool = pool
+        self.preset = preset
+        self.device = device
+        self.preview_gate = preview_gate
+        set_device(device)
+        self.stream = Stream(blocking=True)  # waits for FFmpeg's NVDEC copies on the legacy default stream
+        self.done = Event()
+        batch_shape = pool.slots[0].array.shape
+        self.letterboxer = GpuLetterboxer(device, batch_shape[1:3], rgb_order=False, pad_value=preset.pad_value)
+        self._staging: list = []  # per batch row: a device buffer for an uploaded host frame's planes
+        self.uploads = 0  # host frames uploaded (CPU decoding)
+        self.converted = 0  # host frames in a format other than yuv420p, converted on the CPU first
+
+    def on_start(self) -> None:
+        from pipeline.cuda import set_device
+
+        set_device(self.device)  # the driver-API launch needs the device's context current in this thread
+
+    def process(self, batch: FrameBatch) -> None:
+        slot = None
+        waiting_since = time.perf_counter()
+        while slot is None:
+            slot = self.pool.acquire(timeout=0.5)
+            if slot is None and self.outbox.closed:
+                raise RuntimeError("device slot pool closed")
+        self._waited += time.perf_counter() - waiting_since
+        batch.slot = slot
+        dst_h, dst_w = slot.array.shape[1:3]
+        for row, frame in enumerate(batch.frames):
+            planes = self._planes(frame, row)
+            geometry = letterbox_geometry(planes.width, planes.height, dst_w, dst_h, self.preset.align)
+            self.letterboxer.launch(planes, slot.array.row_ptr(row), geometry, self.stream)
+            frame.letterbox = geometry
+        self.done.record(self.stream)
+        self.done.wait()  # polls, so other threads keep the GIL meanwhile
+        for frame in batch.frames:
+            if self.preview_gate is not None and self.preview_gate.take(frame.camera):
+                frame.image = _to_bgr(frame.video)
+            frame.video = None
+            frame.mark("letterbox")
+        self.emit(batch)
+
+    def _planes(self, frame, row: int):
+        from pipeline.gpu_letterbox import YuvPlanes, frame_matrix
+
+        video = frame.video
+        if video is None:
+            raise RuntimeError(f"camera {frame.camera}: frame {frame.index} has no decoded video to letterbox")
+        if video.format.name == "cuda":
+            return YuvPlanes.from_nv12_frame(video)
+        if video.format.name not in ("yuv420p", "yuvj420p") or video.width % 2 or video.height % 2:
+            video = video.reformat(format="yuv420p")
+            self.converted += 1
+        return self._upload(video, row, *frame_matrix(video))
+
+    def _upload(self, video, row: int, matrix: str, full_range: bool):
+        from pipeline.cuda import DeviceBuffer, copy_2d_to_device
+        from pipeline.gpu_letterbox import YuvPlanes
+
+        w, h = video.width, video.height
+        need = w * h * 3 // 2
+        while len(self._staging) <= row:
+            self._staging.append(None)
+        if self._staging[row] is None or self._staging[row].nbytes < need:
+            if self._staging[row] is not None:
+                self.stream.synchronize()
+                self._staging[row].free()
+            self._staging[row] = DeviceBuffer(need)
+        base = self._staging[row].ptr
+        offsets = (0, w * h, w * h + (w // 2) * (h // 2))
+        for plane, offset, (pw, ph) in zip(video.planes, offsets, ((w, h), (w // 2, h // 2), (w // 2, h // 2))):
+            copy_2d_to_device(base + offset, pw, plane.buffer_ptr, plane.line_size, pw, ph, self.stream)
+        self.uploads += 1
+        return YuvPlanes(w, h, base, w, base + offsets[1], base + offsets[2], w // 2, 1, matrix,
+                         full_range or video.format.name == "yuvj420p")
+
+    def discard(self, batch: FrameBatch) -> None:
+        for frame in batch.frames:
+            frame.video = None
+        batch.release_credit()
+        if batch.slot is not None:
+            self.pool.release(batch.slot)
+            batch.slot = None
+
+    def on_stop(self) -> None:
+        self.stream.synchronize()
+        for buffer in self._staging:
+            if buffer is not None:
+                buffer.free()
+        self._staging.clear()
+
+
+def _to_bgr(video) -> np.ndarray:
+    """A decoded frame (host, or NVDEC's NV12 on the device) as BGR on the host: for previews."""
+    if video.format.name == "cuda":
+        from pipeline.cuda import copy_2d_to_host
+
+        w, h = video.width, video.height
+        nv12 = np.empty((h * 3 // 2, w), np.uint8)
+        copy_2d_to_host(nv12[:h], video.planes[0].buffer_ptr, video.planes[0].line_size, w, h)
+        copy_2d_to_host(nv12[h:], video.planes[1].buffer_ptr, video.planes[1].line_size, w, h // 2)
+        return cv2.cvtColor(nv12, cv2.COLOR_YUV2BGR_NV12)
+    return video.to_ndarray(format="bgr24")

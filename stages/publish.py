@@ -95,12 +95,35 @@ def encode_preview(frame: Frame, image, config: PreviewConfig, seq: int) -> tupl
     return header, jpeg.tobytes()
 
 
-def bind_publisher(config: PublishConfig, context: zmq.Context | None = None) -> zmq.Socket:
+class PreviewGate:
+    """Which frames become previews: at most `max_fps` per camera, on a fixed grid of send times
+    (not "last + interval"), so the rate holds on average. Shared with the GPU letterbox, which
+    must pick the frames to bring back to the host before the publisher sees them."""
+
+    def __init__(self, max_fps: float):
+        self.interval = 1.0 / max_fps
+        self.due: dict[str, float] = {}  # camera -> monotonic time the next preview may go
+
+    def take(self, camera: str) -> bool:
+        now = time.monotonic()
+        due = self.due.get(camera, 0.0)
+        if now < due:
+            return False
+        self.due[camera] = max(due + self.interval, now - self.interval)
+        return True
+
+
+def bind_publisher(config: PublishConfig, context: zmq.Context | None = None, connect: str | None = None) -> zmq.Socket:
+    """The publishing socket, bound at `config.bind`; or, in a worker process, connected to the
+    supervisor's proxy at `connect` (pipeline/workers.py)."""
     context = context or zmq.Context.instance()
     socket = context.socket(zmq.XPUB)
     socket.setsockopt(zmq.SNDHWM, config.send_hwm)
     socket.setsockopt(zmq.LINGER, 2000)  # at exit, give queued messages 2 s to leave
     socket.setsockopt(zmq.XPUB_VERBOSE, 1)
+    if connect is not None:
+        socket.connect(connect)
+        return socket
     try:
         socket.bind(config.bind)
     except zmq.ZMQError as exc:
@@ -127,7 +150,7 @@ class PublishStage(Stage):
     name = "publish"
 
     def __init__(self, inbox: BoundedQueue, socket: zmq.Socket, labels: list[str], prefix: str, cameras: list[str],
-                 preview: PreviewConfig | None = None):
+                 preview: PreviewConfig | None = None, preview_gate: PreviewGate | None = None):
         super().__init__(inbox, None)
         self.socket = socket
         self.labels = labels
@@ -137,7 +160,8 @@ class PublishStage(Stage):
         if self.preview is not None:
             self.preview_topics = {camera: topic_for(self.preview.topic_prefix, camera) for camera in cameras}
             self.preview_seq = {camera: 0 for camera in cameras}
-            self.preview_due = {camera: 0.0 for camera in cameras}  # monotonic time the next one may go
+            # None: an earlier stage already chose the frames (only those carry an image)
+            self.preview_gate = preview_gate
             self.previews_sent = 0
 
     def _send(self, topic: bytes, header: dict, *payload: bytes, reason: str = "send_full") -> bool:
@@ -151,13 +175,9 @@ class PublishStage(Stage):
 
     def _send_preview(self, frame: Frame) -> None:
         image, frame.image = frame.image, None  # the pipeline keeps no decoded image past this point
-        now = time.monotonic()
         camera = frame.camera
-        if image is None or now < self.preview_due[camera]:
+        if image is None or (self.preview_gate is not None and not self.preview_gate.take(camera)):
             return
-        # a fixed grid of send times (not "last + interval") keeps the rate at max_fps on average
-        interval = 1.0 / self.preview.max_fps
-        self.preview_due[camera] = max(self.preview_due[camera] + interval, now - interval)
         header, jpeg = encode_preview(frame, image, self.preview, self.preview_seq[camera])
         self.preview_seq[camera] += 1
         if self._send(self.preview_topics[camera], header, jpeg, reason="preview_send_full"):

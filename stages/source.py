@@ -102,10 +102,14 @@ def _read_timeout(camera: CameraConfig) -> float:
 class SourceStage(Stage):
     poll_s = None
 
-    def __init__(self, camera: CameraConfig, outbox: BoundedQueue, stop: threading.Event):
+    def __init__(self, camera: CameraConfig, outbox: BoundedQueue, stop: threading.Event, keep_video: bool = False,
+                 device: int = 0):
         self.name = f"source.{camera.id}"
         super().__init__(None, outbox)
         self.camera = camera
+        # keep_video: hand on the decoded frame itself (YUV, or NV12 on the GPU) for the GPU letterbox
+        self.keep_video = keep_video or camera.decoder == "nvdec"
+        self.device = device
         self._reformatter = VideoReformatter()  # keeps its swscale context across frames
         self.stop_event = stop
         self.state = SourceState.CONNECTING
@@ -144,9 +148,9 @@ class SourceStage(Stage):
                 container.close()
             if self.stop_event.is_set():
                 break
+            if self.camera.loop and self.camera.is_file and self.next_index > frames_before:
+                continue  # a looped file (live or not) starts over at once
             if not self.camera.is_live:
-                if self.camera.loop and self.next_index > frames_before:
-                    continue
                 break
             # a live stream that ended, stalled or failed is a disconnect
             if self.next_index > frames_before:
@@ -178,8 +182,13 @@ class SourceStage(Stage):
         self.stop_event.wait(delay)
 
     def _open(self):
+        arguments = _open_arguments(self.camera)
+        if self.camera.decoder == "nvdec":
+            # frames stay in device memory (the primary CUDA context, shared with the engine)
+            arguments["hwaccel"] = av.codec.hwaccel.HWAccel("cuda", device=str(self.device), is_hw_owned=True,
+                                                            allow_software_fallback=True)
         try:
-            container = av.open(self.camera.url, **_open_arguments(self.camera))
+            container = av.open(self.camera.url, **arguments)
         except (av.error.FFmpegError, OSError) as exc:
             error_class = _classify(exc)
             detail = error_class if self.camera.is_live or error_class == "file not found" else redact(str(exc))
@@ -193,14 +202,17 @@ class SourceStage(Stage):
             raise error
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        if self.camera.decode_threads:
+        if self.camera.decoder == "nvdec":
+            stream.codec_context.thread_count = 1  # NVDEC does the work; frame threads would only add delay
+        elif self.camera.decode_threads:
             stream.codec_context.thread_count = self.camera.decode_threads
         return container
 
     def _decode(self, container) -> str:
         """Emit frames until the stream ends, stalls, fails or the run stops; say which."""
         stream = container.streams.video[0]
-        pace_start: tuple[float, float] | None = None  # (wall clock, pts) at the first paced frame
+        self._pace_start = None  # (wall clock, pts) at the first paced packet
+        paced = self.camera.realtime and self.camera.is_file
         packets = container.demux(stream)
         last_frame = time.monotonic()
         stall_s = self.camera.stall_timeout_s if self.camera.is_live else None
@@ -212,6 +224,13 @@ class SourceStage(Stage):
             except av.error.FFmpegError as exc:
                 # a damaged container or a dropped/frozen connection: what was decoded stays published
                 return f"read failed ({_classify(exc)})"
+            stamp = packet.dts if packet.dts is not None else packet.pts
+            if paced and stamp is not None and packet.time_base is not None:
+                # a file played as a camera: each packet arrives at its own (decode) time, before it is decoded
+                due = self._due(float(stamp * packet.time_base))
+                wait = due - time.time()
+                if wait > 0:
+                    self.stop_event.wait(wait)
             started = time.perf_counter()
             try:
                 frames = packet.decode()
@@ -230,20 +249,21 @@ class SourceStage(Stage):
                 if self.stop_event.is_set():
                     return "stopped"
                 pts = float(av_frame.time) if av_frame.time is not None else None
-                if self.camera.realtime and not self.camera.is_live and pts is not None:
-                    if pace_start is None:
-                        pace_start = (time.monotonic(), pts)
-                    wait = pace_start[0] + (pts - pace_start[1]) - time.monotonic()
-                    if wait > 0:
-                        self.stop_event.wait(wait)
-                image = to_bgr(av_frame, self.camera.color_conversion, self._reformatter)
+                # a paced file's frame was "captured" when its packet was due: decode time counts as latency
+                now = time.time()
+                captured = min(self._due(pts), now) if paced and pts is not None else now
+                if self.keep_video:
+                    image, video = None, av_frame
+                else:
+                    image, video = to_bgr(av_frame, self.camera.color_conversion, self._reformatter), None
                 frame = Frame(
                     camera=self.camera.id,
                     index=self.next_index,
                     pts=pts,
-                    capture_time=time.time(),
+                    capture_time=captured,
                     image=image,
-                    source_size=(image.shape[1], image.shape[0]),
+                    source_size=(av_frame.width, av_frame.height),
+                    video=video,
                 )
                 self.next_index += 1
                 last_frame = time.monotonic()
@@ -253,6 +273,12 @@ class SourceStage(Stage):
                 self._on_frames_flowing()
                 started = time.perf_counter()  # the next frame's cost starts after this one left
         return "stopped"
+
+    def _due(self, pts: float) -> float:
+        """Wall-clock time at which a paced file's timestamp `pts` is due (the first one: now)."""
+        if self._pace_start is None:
+            self._pace_start = (time.time(), pts)
+        return self._pace_start[0] + (pts - self._pace_start[1])
 
     def emit(self, frame: Frame) -> None:
         accepted = self.metrics.items_out

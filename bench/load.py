@@ -1,0 +1,342 @@
+#!/usr/bin/env python3
+"""Load benchmark: how many live 1080p30 cameras the pipeline carries on this machine.
+
+Each camera is a synthetic 1080p30 H.264 file (no B-frames, one keyframe a second, as IP
+cameras send) played as a live camera: packets are paced to their timestamps, looped, and the
+camera queue keeps the newest frames (drops are counted, never hidden). For each N the real
+`run.py` runs as its own process (with its worker processes, if configured); a ZeroMQ
+subscriber here receives every detection message and measures, over a window after warm-up:
+
+- fps per stream (min and mean) and in total;
+- capture-to-publish latency p50/p99 (capture = when the frame's packet was due; so decode
+  time and any queueing count);
+- frames lost (gaps in each camera's frame numbers: dropped in queues or never published);
+- CPU cores used by the pipeline's processes and GPU / NVDEC utilisation (NVML).
+
+A stream count passes when every stream holds >= 95% of 30 fps, the total >= 98% of N x 30 and
+p99 <= 100 ms. The largest passing N is reported per decoder.
+
+    python bench/load.py --decoders cpu,nvdec --streams 32,48,64,80 [--workers 4] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+from fractions import Fraction
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import av
+import yaml
+import zmq
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.common import CLIP, LABELS, MODEL, commit  # noqa: E402
+
+FPS = 30
+VARIANTS = 4  # clips whose keyframes fall on different frames, so cameras do not all send I-frames at once
+
+
+def make_clips(folder: Path, seconds: int = 10, source: Path = CLIP) -> list[Path]:
+    """1080p30 H.264 clips made from `source`: no B-frames, keyframe every second, phase shifted per clip."""
+    clips = []
+    with av.open(str(source)) as src:
+        frames = [f.reformat(width=1920, height=1080, format="yuv420p") for _, f in zip(range(seconds * FPS), src.decode(video=0))]
+    for variant in range(VARIANTS):
+        path = folder / f"live1080p_{variant}.mp4"
+        clips.append(path)
+        if path.exists():
+            continue
+        shift = variant * FPS // VARIANTS
+        with av.open(str(path), "w") as dst:
+            stream = dst.add_stream("libx264", rate=FPS)
+            stream.width, stream.height, stream.pix_fmt = 1920, 1080, "yuv420p"
+            stream.options = {"preset": "veryfast", "tune": "zerolatency", "bf": "0",
+                              "x264-params": f"keyint={seconds * FPS}:min-keyint={seconds * FPS}:scenecut=0"}
+            for i, frame in enumerate(frames):
+                frame.pts, frame.time_base = i, Fraction(1, FPS)
+                frame.pict_type = av.video.frame.PictureType.I if (i + shift) % FPS == 0 or i == 0 else av.video.frame.PictureType.NONE
+                for packet in stream.encode(frame):
+                    dst.mux(packet)
+            for packet in stream.encode():
+                dst.mux(packet)
+    return clips
+
+
+def pipeline_config(clips: list[Path], streams: int, decoder: str, port: int, args) -> dict:
+    cameras = [{"id": f"cam{i:03d}", "url": str(clips[i % len(clips)]), "live": True, "realtime": True, "loop": True,
+                "decoder": decoder, "decode_threads": args.decode_threads, "color_conversion": "opencv"}
+               for i in range(streams)]
+    return {
+        "cameras": cameras,
+        "model": {"path": str(args.model), "preset": args.preset, "labels": str(args.labels) if args.labels else None},
+        "engine": {"kind": args.engine, "lanes": args.lanes, "max_batch": args.max_batch,
+                   "batch_timeout_ms": args.batch_timeout_ms,
+                   **({"fp16": True, "cuda_graphs": True} if args.engine == "torch" else {})},
+        "publish": {"bind": f"tcp://127.0.0.1:{port}", "send_hwm": 100000},
+        "runtime": {"status_interval_s": 5, "queue_size": 8, "host_slots": args.lanes + 3,
+                    "live_batches_in_flight": args.lanes + 1, "letterbox_threads": args.letterbox_threads,
+                    "letterbox_device": args.letterbox, "workers": args.workers},
+    }
+
+
+class Collector(threading.Thread):
+    """Receives detection messages; keeps (camera, frame, capture, publish, received) in the window."""
+
+    def __init__(self, endpoint: str):
+        super().__init__(daemon=True)
+        self.socket = zmq.Context.instance().socket(zmq.SUB)
+        self.socket.setsockopt(zmq.RCVHWM, 0)
+        self.socket.setsockopt(zmq.SUBSCRIBE, b"det/")
+        self.socket.connect(endpoint)
+        self.window: tuple[float, float] | None = None
+        self.first_message: float | None = None
+        self.rows: list[tuple[str, int, float, float, float]] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            if not self.socket.poll(100):
+                continue
+            _topic, header = self.socket.recv_multipart()[:2]
+            now = time.time()
+            if self.first_message is None:
+                self.first_message = now
+            window = self.window
+            if window is None or not (window[0] <= now < window[1]):
+                continue
+            message = json.loads(header)
+            if message.get("type") == "detections":
+                self.rows.append((message["camera"], message["frame"], message["capture_time"], message["publish_time"], now))
+        self.socket.close(0)
+
+
+def _process_tree_cpu(pid: int) -> float:
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+        total = sum(parent.cpu_times()[:2])
+        for child in parent.children(recursive=True):
+            try:
+                total += sum(child.cpu_times()[:2])
+            except psutil.Error:
+                pass
+        return total
+    except psutil.Error:
+        return 0.0
+
+
+class GpuSampler(threading.Thread):
+    """NVML utilisation (SM busy %, NVDEC busy %) every 0.25 s, averaged over all GPUs."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.samples: list[tuple[float, float]] = []
+        self.stop = threading.Event()
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.nvml = pynvml
+            self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        except Exception:  # no NVML (CPU machine): utilisation is reported as unknown
+            self.nvml = None
+
+    def run(self) -> None:
+        while self.nvml is not None and not self.stop.wait(0.25):
+            gpu = statistics.mean(self.nvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self.handles)
+            dec = statistics.mean(self.nvml.nvmlDeviceGetDecoderUtilization(h)[0] for h in self.handles)
+            self.samples.append((gpu, dec))
+
+
+def measure(clips: list[Path], streams: int, decoder: str, args, workdir: Path) -> dict:
+    port = 5600 + streams + (1000 if decoder == "nvdec" else 0)
+    config_path = workdir / f"load_{decoder}_{streams}.yaml"
+    config_path.write_text(yaml.safe_dump(pipeline_config(clips, streams, decoder, port, args)))
+    log_path = workdir / f"load_{decoder}_{streams}.log"
+    collector = Collector(f"tcp://127.0.0.1:{port}")
+    collector.start()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, str(ROOT / "run.py"), "run", "--config", str(config_path)],
+                                   stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    result: dict = {"streams": streams, "decoder": decoder, "workers": args.workers}
+    try:
+        deadline = time.time() + args.startup_timeout
+        while collector.first_message is None and time.time() < deadline and process.poll() is None:
+            time.sleep(0.2)
+        if collector.first_message is None:
+            result["error"] = f"no detections within {args.startup_timeout} s (exit {process.poll()})"
+            return result
+        time.sleep(args.warmup)
+        gpu = GpuSampler()
+        start = time.time()
+        cpu_before = _process_tree_cpu(process.pid)
+        collector.window = (start, start + args.duration)
+        gpu.start()
+        profile = None
+        if args.profile and shutil.which("py-spy"):
+            profile = subprocess.Popen(["py-spy", "record", "--pid", str(process.pid), "--subprocesses", "--rate", "50",
+                                        "--duration", str(int(args.duration)), "--format", "raw", "--nonblocking",
+                                        "--output", str(workdir / f"profile_{decoder}_{streams}.txt")],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(args.duration)
+        cpu_used = _process_tree_cpu(process.pid) - cpu_before
+        gpu.stop.set()
+        if profile is not None:
+            profile.wait(timeout=30)
+        result.update(summarize(collector.rows, streams, args.duration))
+        result["cpu_cores"] = round(cpu_used / args.duration, 2)
+        if gpu.samples:
+            result["gpu_util_pct"] = round(statistics.mean(s[0] for s in gpu.samples), 1)
+            result["nvdec_util_pct"] = round(statistics.mean(s[1] for s in gpu.samples), 1)
+        return result
+    finally:
+        collector.stop.set()
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        collector.join(timeout=5)
+        result["exit_code"] = process.returncode
+
+
+def summarize(rows: list, streams: int, seconds: float) -> dict:
+    per_camera: dict[str, list] = {}
+    for row in rows:
+        per_camera.setdefault(row[0], []).append(row)
+    fps = [len(per_camera.get(f"cam{i:03d}", [])) / seconds for i in range(streams)]
+    latency = sorted((r[3] - r[2]) * 1000.0 for r in rows)
+    lost = sum(max(0, (max(r[1] for r in v) - min(r[1] for r in v) + 1) - len(v)) for v in per_camera.values())
+
+    def pct(p: float) -> float:
+        return round(latency[min(len(latency) - 1, int(p / 100.0 * len(latency)))], 1) if latency else float("nan")
+
+    out = {"fps_total": round(len(rows) / seconds, 1), "fps_stream_min": round(min(fps), 2),
+           "fps_stream_mean": round(statistics.mean(fps), 2), "latency_p50_ms": pct(50), "latency_p99_ms": pct(99),
+           "latency_max_ms": round(latency[-1], 1) if latency else float("nan"), "lost_frames": lost}
+    out["pass"] = bool(latency) and out["fps_stream_min"] >= 0.95 * FPS and out["fps_total"] >= 0.98 * FPS * streams \
+        and out["latency_p99_ms"] <= 100.0
+    return out
+
+
+def top_functions(profile: Path, limit: int = 12) -> list[tuple[str, float]]:
+    """py-spy raw (collapsed) stacks -> share of samples per innermost project/library function."""
+    counts: dict[str, int] = {}
+    total = 0
+    for line in profile.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        frames = stack.split(";")
+        total += int(n)
+        leaf = frames[-1]
+        counts[leaf] = counts.get(leaf, 0) + int(n)
+    return [(name, 100.0 * n / total) for name, n in sorted(counts.items(), key=lambda kv: -kv[1])[:limit]] if total else []
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--decoders", default="cpu,nvdec")
+    parser.add_argument("--streams", default="32,48,64,80,96", help="stream counts to try, ascending")
+    parser.add_argument("--stop-after-fail", type=int, default=1, help="stop a decoder's ramp after this many failures")
+    parser.add_argument("--workers", type=int, default=0, help="pipeline worker processes (0 = one process)")
+    parser.add_argument("--engine", default="torch", choices=["torch", "tensorrt", "onnxruntime"],
+                        help="torch: fp16 + CUDA graphs; onnxruntime only to try the harness on a CPU machine")
+    parser.add_argument("--lanes", type=int, default=3)
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--batch-timeout-ms", type=float, default=8.0)
+    parser.add_argument("--decode-threads", type=int, default=1, help="CPU decoder threads per camera")
+    parser.add_argument("--letterbox", default="auto", choices=["auto", "cpu", "gpu"])
+    parser.add_argument("--letterbox-threads", type=int, default=4)
+    parser.add_argument("--model", type=Path, default=MODEL)
+    parser.add_argument("--preset", default="yolox")
+    parser.add_argument("--labels", type=Path, default=LABELS)
+    parser.add_argument("--warmup", type=float, default=5.0)
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--startup-timeout", type=float, default=90.0)
+    parser.add_argument("--profile", action="store_true", help="py-spy the pipeline during each window")
+    parser.add_argument("--clips", type=Path, default=None, help="folder for the generated clips (kept)")
+    parser.add_argument("--label", default="", help="a note for the results table")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="load-"))
+    clip_dir = args.clips or workdir
+    clip_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    clips = make_clips(clip_dir)
+    print(f"clips ready in {time.time() - started:.1f} s", flush=True)
+    from pipeline import cuda
+
+    card = cuda.device_name() if cuda.available() else "no GPU"
+    gpus = cuda.check(cuda._rt().cudaGetDeviceCount()) if cuda.available() else 0
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    title = (f"{stamp} | {gpus} x {card} | {os.cpu_count()} CPU cores | commit {commit()} | workers {args.workers} | "
+             f"lanes {args.lanes} | max_batch {args.max_batch} | letterbox {args.letterbox}"
+             + (f" | {args.label}" if args.label else ""))
+    header = ("| decoder | streams | pass | fps total | fps/stream min | mean | p50 ms | p99 ms | max ms | lost | "
+              "CPU cores | GPU % | NVDEC % |")
+    lines = [f"# Load: {title}", "", header, "| " + " | ".join(["---"] * 13) + " |"]
+    print("\n".join(lines), flush=True)
+    results = []
+    for decoder in args.decoders.split(","):
+        failures = 0
+        for streams in [int(n) for n in args.streams.split(",")]:
+            r = measure(clips, streams, decoder, args, workdir)
+            results.append(r)
+            if "error" in r:
+                line = f"| {decoder} | {streams} | error: {r['error']} |"
+            else:
+                line = (f"| {decoder} | {streams} | {'yes' if r['pass'] else 'no'} | {r['fps_total']} | {r['fps_stream_min']} | "
+                        f"{r['fps_stream_mean']} | {r['latency_p50_ms']} | {r['latency_p99_ms']} | {r['latency_max_ms']} | "
+                        f"{r['lost_frames']} | {r['cpu_cores']} | {r.get('gpu_util_pct', '?')} | {r.get('nvdec_util_pct', '?')} |")
+            lines.append(line)
+            print(line, flush=True)
+            log_tail = (workdir / f"load_{decoder}_{streams}.log").read_text(errors="replace").splitlines()
+            status = [l for l in log_tail if " fps=" in l or "ERROR" in l or "WARNING" in l]
+            for l in status[-4:]:
+                print(f"  log: {l[:400]}", flush=True)
+            profile = workdir / f"profile_{decoder}_{streams}.txt"
+            if profile.exists():
+                top = top_functions(profile)
+                r["profile_top"] = top
+                print("  profile (innermost frames, % of samples): " + "; ".join(f"{n} {p:.1f}%" for n, p in top), flush=True)
+            if "error" in r or not r["pass"]:
+                failures += 1
+                if failures >= args.stop_after_fail:
+                    break
+        best = max((r["streams"] for r in results if r["decoder"] == decoder and r.get("pass")), default=0)
+        lines.append(f"| {decoder} | largest passing N: **{best}** |")
+    text = "\n".join(lines)
+    print(f"\n{text}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "load.md", "a", encoding="utf-8") as f:
+        f.write("\n" + text + "\n")
+    with open(args.out / "load.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"date": stamp, "card": card, "gpus": gpus, "commit": commit(), "args": vars(args),
+                            "results": results}, default=str) + "\n")
+    for path in workdir.glob("*.log"):  # keep the pipeline logs next to the results when asked
+        if os.environ.get("LOAD_KEEP_LOGS"):
+            shutil.copy(path, Path(os.environ["LOAD_KEEP_LOGS"]) / path.name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
