@@ -66,7 +66,25 @@ def compute_capability(device: int = 0) -> tuple[int, int]:
     return props.major, props.minor
 
 
+@functools.lru_cache(maxsize=None)
+def _share_primary_context(device: int) -> None:
+    """Give the device's primary context the flags FFmpeg asks for (blocking sync), so NVDEC decodes
+    into the same context as the engine; FFmpeg refuses an active primary context with other flags."""
+    from cuda.bindings import driver
+
+    for call, result in (("cuInit", driver.cuInit(0)),):
+        if result[0] != driver.CUresult.CUDA_SUCCESS:
+            raise CudaError(f"{call} failed: {result[0]}")
+    err, handle = driver.cuDeviceGet(device)
+    if err == driver.CUresult.CUDA_SUCCESS:
+        (err,) = driver.cuDevicePrimaryCtxSetFlags(handle, driver.CUctx_flags.CU_CTX_SCHED_BLOCKING_SYNC)
+    if err != driver.CUresult.CUDA_SUCCESS:
+        raise CudaError(f"cuDevicePrimaryCtxSetFlags(device {device}) failed: {err}")
+
+
 def set_device(device: int) -> None:
+    """Make `device` (its primary context) current in this thread."""
+    _share_primary_context(device)
     check(_rt().cudaSetDevice(device), f"cudaSetDevice({device})")
 
 

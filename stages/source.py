@@ -185,6 +185,9 @@ class SourceStage(Stage):
         arguments = _open_arguments(self.camera)
         if self.camera.decoder == "nvdec":
             # frames stay in device memory (the primary CUDA context, shared with the engine)
+            from pipeline.cuda import set_device
+
+            set_device(self.device)
             arguments["hwaccel"] = av.codec.hwaccel.HWAccel("cuda", device=str(self.device), is_hw_owned=True,
                                                             allow_software_fallback=True)
         try:
