@@ -86,7 +86,7 @@ def pipeline_config(clips: list[Path], streams: int, decoder: str, port: int, ar
                    "batch_timeout_ms": args.batch_timeout_ms,
                    **({"fp16": True, "cuda_graphs": True} if args.engine == "torch" else {})},
         "publish": {"bind": f"tcp://127.0.0.1:{port}", "send_hwm": 100000},
-        "runtime": {"status_interval_s": 5, "queue_size": 8, "host_slots": args.lanes + 3,
+        "runtime": {"status_interval_s": 5, "shutdown_deadline_s": 10, "queue_size": 8, "host_slots": args.lanes + 3,
                     "live_batches_in_flight": args.lanes + 1, "letterbox_threads": args.letterbox_threads,
                     "letterbox_device": args.letterbox, "workers": args.workers},
     }
@@ -103,6 +103,7 @@ class Collector(threading.Thread):
         self.socket.connect(endpoint)
         self.window: tuple[float, float] | None = None
         self.first_message: float | None = None
+        self.cameras_seen: set[bytes] = set()  # before the window: has every camera published yet?
         self.rows: list[tuple[str, int, float, float, float]] = []
         self.stop = threading.Event()
 
@@ -110,10 +111,12 @@ class Collector(threading.Thread):
         while not self.stop.is_set():
             if not self.socket.poll(100):
                 continue
-            _topic, header = self.socket.recv_multipart()[:2]
+            topic, header = self.socket.recv_multipart()[:2]
             now = time.time()
             if self.first_message is None:
                 self.first_message = now
+            if self.window is None:
+                self.cameras_seen.add(topic)
             window = self.window
             if window is None or not (window[0] <= now < window[1]):
                 continue
@@ -176,10 +179,12 @@ def measure(clips: list[Path], streams: int, decoder: str, args, workdir: Path) 
     result: dict = {"streams": streams, "decoder": decoder, "workers": args.workers}
     try:
         deadline = time.time() + args.startup_timeout
-        while collector.first_message is None and time.time() < deadline and process.poll() is None:
+        # every camera (every worker) must be up before the warm-up starts
+        while len(collector.cameras_seen) < streams and time.time() < deadline and process.poll() is None:
             time.sleep(0.2)
-        if collector.first_message is None:
-            result["error"] = f"no detections within {args.startup_timeout} s (exit {process.poll()})"
+        if len(collector.cameras_seen) < streams:
+            result["error"] = (f"{len(collector.cameras_seen)} of {streams} cameras published within "
+                               f"{args.startup_timeout} s (exit {process.poll()})")
             return result
         time.sleep(args.warmup)
         gpu = GpuSampler()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import MODEL, PERSON_CLIP, make_config, run_and_collect, run_cli
-from reference import unmatched
+from reference import iou, unmatched
 
 
 def _gpu_ready() -> bool:
@@ -213,7 +213,9 @@ def test_gpu_letterbox_kernel_matches_its_reference(decoder):
 ])
 def test_gpu_letterbox_detections_match_the_cpu_path(tmp_path, cpu_frames, camera, runtime):
     """Decoded by NVDEC (or uploaded as YUV) and letterboxed on the GPU: every frame arrives and the
-    detections match the CPU path's (pixels differ from swscale + cv2.resize by < 1 level on average)."""
+    detections match the CPU path's. Pixels differ from swscale + cv2.resize by < 1 level on average,
+    which moves a borderline score by up to ~0.06 on a few frames, so each detection must match
+    within 0.1 and the scores must agree within 0.01 on average."""
     path, config = make_config(tmp_path, [{"id": "cam", "url": str(PERSON_CLIP), **camera}],
                                engine={"kind": "torch", "lanes": 2, "max_batch": 8},
                                publish={"wait_subscribers": 1, "wait_timeout_s": 60}, runtime=runtime)
@@ -221,9 +223,15 @@ def test_gpu_letterbox_detections_match_the_cpu_path(tmp_path, cpu_frames, camer
     assert returncode == 0, err
     frames = {m["frame"]: m["detections"] for _, m in messages if m["type"] == "detections"}
     assert sorted(frames) == sorted(cpu_frames) == list(range(1394))
-    compared = 0
+    differences = []
     for index, expected in cpu_frames.items():
-        problems = unmatched(expected, frames[index], min_iou=0.85, score_tol=0.05, conf=0.3)
+        problems = unmatched(expected, frames[index], min_iou=0.85, score_tol=0.1, conf=0.3)
         assert not problems, f"frame {index}: {problems}"
-        compared += len(expected)
-    assert compared > 500
+        for d in expected:
+            partners = [abs(o["score"] - d["score"]) for o in frames[index]
+                        if o["class_id"] == d["class_id"] and iou(o["box"], d["box"]) >= 0.85]
+            if partners:
+                differences.append(min(partners))
+    assert len(differences) > 500
+    assert np.mean(differences) < 0.01 and np.percentile(differences, 99) < 0.05, \
+        f"mean {np.mean(differences):.4f}, p99 {np.percentile(differences, 99):.4f}"
