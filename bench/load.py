@@ -49,17 +49,17 @@ FPS = 30
 VARIANTS = 4  # clips whose keyframes fall on different frames, so cameras do not all send I-frames at once
 
 
-def make_clips(folder: Path, seconds: int = 10, source: Path = CLIP) -> list[Path]:
+def make_clips(folder: Path, seconds: int = 10, source: Path = CLIP, variants: int = VARIANTS) -> list[Path]:
     """1080p30 H.264 clips made from `source`: no B-frames, keyframe every second, phase shifted per clip."""
     clips = []
     with av.open(str(source)) as src:
         frames = [f.reformat(width=1920, height=1080, format="yuv420p") for _, f in zip(range(seconds * FPS), src.decode(video=0))]
-    for variant in range(VARIANTS):
-        path = folder / f"live1080p_{variant}.mp4"
+    for variant in range(variants):
+        path = folder / f"live1080p_{seconds}s_{variant}.mp4"
         clips.append(path)
         if path.exists():
             continue
-        shift = variant * FPS // VARIANTS
+        shift = variant * FPS // variants
         with av.open(str(path), "w") as dst:
             stream = dst.add_stream("libx264", rate=FPS)
             stream.width, stream.height, stream.pix_fmt = 1920, 1080, "yuv420p"
@@ -75,8 +75,16 @@ def make_clips(folder: Path, seconds: int = 10, source: Path = CLIP) -> list[Pat
     return clips
 
 
-def pipeline_config(clips: list[Path], streams: int, decoder: str, port: int, args) -> dict:
-    cameras = [{"id": f"cam{i:03d}", "url": str(clips[i % len(clips)]), "live": True, "realtime": True, "loop": True,
+def workers_for(streams: int, args) -> int:
+    if args.streams_per_worker:
+        return -(-streams // args.streams_per_worker)
+    return args.workers
+
+
+def pipeline_config(clips: list[Path], streams: int, decoder: str, port: int, args, live: bool = True) -> dict:
+    """Cameras played live (paced, newest frames kept) or, with live=False, as files read as fast as
+    the pipeline goes (looped, nothing dropped): the throughput comparison's setting."""
+    cameras = [{"id": f"cam{i:03d}", "url": str(clips[i % len(clips)]), "live": live, "realtime": live, "loop": True,
                 "decoder": decoder, "decode_threads": args.decode_threads, "color_conversion": "opencv"}
                for i in range(streams)]
     return {
@@ -88,7 +96,7 @@ def pipeline_config(clips: list[Path], streams: int, decoder: str, port: int, ar
         "publish": {"bind": f"tcp://127.0.0.1:{port}", "send_hwm": 100000},
         "runtime": {"status_interval_s": 5, "shutdown_deadline_s": 10, "queue_size": 8, "host_slots": args.lanes + 3,
                     "live_batches_in_flight": args.lanes + 1, "letterbox_threads": args.letterbox_threads,
-                    "letterbox_device": args.letterbox, "workers": args.workers},
+                    "letterbox_device": args.letterbox, "workers": workers_for(streams, args)},
     }
 
 
@@ -127,7 +135,10 @@ class Collector(threading.Thread):
 
 
 def _process_tree_cpu(pid: int) -> float:
-    import psutil
+    try:
+        import psutil
+    except ImportError:  # CPU use is then reported as unknown
+        return float("nan")
 
     try:
         parent = psutil.Process(pid)
@@ -165,10 +176,10 @@ class GpuSampler(threading.Thread):
             self.samples.append((gpu, dec))
 
 
-def measure(clips: list[Path], streams: int, decoder: str, args, workdir: Path) -> dict:
-    port = 5600 + streams + (1000 if decoder == "nvdec" else 0)
+def measure(clips: list[Path], streams: int, decoder: str, args, workdir: Path, live: bool = True) -> dict:
+    port = 5600 + streams + (1000 if decoder == "nvdec" else 0) + (0 if live else 2000)
     config_path = workdir / f"load_{decoder}_{streams}.yaml"
-    config_path.write_text(yaml.safe_dump(pipeline_config(clips, streams, decoder, port, args)))
+    config_path.write_text(yaml.safe_dump(pipeline_config(clips, streams, decoder, port, args, live)))
     log_path = workdir / f"load_{decoder}_{streams}.log"
     collector = Collector(f"tcp://127.0.0.1:{port}")
     collector.start()
@@ -176,7 +187,7 @@ def measure(clips: list[Path], streams: int, decoder: str, args, workdir: Path) 
     with open(log_path, "w") as log:
         process = subprocess.Popen([sys.executable, str(ROOT / "run.py"), "run", "--config", str(config_path)],
                                    stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    result: dict = {"streams": streams, "decoder": decoder, "workers": args.workers}
+    result: dict = {"streams": streams, "decoder": decoder, "workers": workers_for(streams, args)}
     try:
         deadline = time.time() + args.startup_timeout
         # every camera (every worker) must be up before the warm-up starts
@@ -262,6 +273,8 @@ def main() -> int:
     parser.add_argument("--streams", default="32,48,64,80,96", help="stream counts to try, ascending")
     parser.add_argument("--stop-after-fail", type=int, default=1, help="stop a decoder's ramp after this many failures")
     parser.add_argument("--workers", type=int, default=0, help="pipeline worker processes (0 = one process)")
+    parser.add_argument("--streams-per-worker", type=int, default=0,
+                        help="instead of --workers: one worker per this many streams (rounded up)")
     parser.add_argument("--engine", default="torch", choices=["torch", "tensorrt", "onnxruntime"],
                         help="torch: fp16 + CUDA graphs; onnxruntime only to try the harness on a CPU machine")
     parser.add_argument("--lanes", type=int, default=3)
@@ -293,12 +306,13 @@ def main() -> int:
     card = cuda.device_name() if cuda.available() else "no GPU"
     gpus = cuda.check(cuda._rt().cudaGetDeviceCount()) if cuda.available() else 0
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    title = (f"{stamp} | {gpus} x {card} | {os.cpu_count()} CPU cores | commit {commit()} | workers {args.workers} | "
+    title = (f"{stamp} | {gpus} x {card} | {os.cpu_count()} CPU cores | commit {commit()} | "
+             f"workers {f'1 per {args.streams_per_worker} streams' if args.streams_per_worker else args.workers} | "
              f"lanes {args.lanes} | max_batch {args.max_batch} | letterbox {args.letterbox}"
              + (f" | {args.label}" if args.label else ""))
-    header = ("| decoder | streams | pass | fps total | fps/stream min | mean | p50 ms | p99 ms | max ms | lost | "
+    header = ("| decoder | streams | workers | pass | fps total | fps/stream min | mean | p50 ms | p99 ms | max ms | lost | "
               "CPU cores | GPU % | NVDEC % |")
-    lines = [f"# Load: {title}", "", header, "| " + " | ".join(["---"] * 13) + " |"]
+    lines = [f"# Load: {title}", "", header, "| " + " | ".join(["---"] * 14) + " |"]
     print("\n".join(lines), flush=True)
     results = []
     for decoder in args.decoders.split(","):
@@ -309,7 +323,7 @@ def main() -> int:
             if "error" in r:
                 line = f"| {decoder} | {streams} | error: {r['error']} |"
             else:
-                line = (f"| {decoder} | {streams} | {'yes' if r['pass'] else 'no'} | {r['fps_total']} | {r['fps_stream_min']} | "
+                line = (f"| {decoder} | {streams} | {r['workers']} | {'yes' if r['pass'] else 'no'} | {r['fps_total']} | {r['fps_stream_min']} | "
                         f"{r['fps_stream_mean']} | {r['latency_p50_ms']} | {r['latency_p99_ms']} | {r['latency_max_ms']} | "
                         f"{r['lost_frames']} | {r['cpu_cores']} | {r.get('gpu_util_pct', '?')} | {r.get('nvdec_util_pct', '?')} |")
             lines.append(line)
