@@ -219,10 +219,22 @@ class SourceStage(Stage):
         packets = container.demux(stream)
         last_frame = time.monotonic()
         stall_s = self.camera.stall_timeout_s if self.camera.is_live else None
+        pass_start = self.next_index
         while not self.stop_event.is_set():
             try:
                 packet = next(packets)
             except StopIteration:
+                if self.camera.loop and self.camera.is_file and self.next_index > pass_start:
+                    # loop by seeking: reopening would also rebuild the decoder (NVDEC: a new
+                    # device context, hundreds of ms, for every camera at once)
+                    try:
+                        container.seek(0, stream=stream)
+                    except av.error.FFmpegError:
+                        return "stream ended"  # not seekable: the caller reopens it
+                    packets = container.demux(stream)
+                    self._pace_start = None
+                    pass_start = self.next_index
+                    continue
                 return "stream ended"
             except av.error.FFmpegError as exc:
                 # a damaged container or a dropped/frozen connection: what was decoded stays published
