@@ -38,8 +38,9 @@ from bench.load import make_clips, measure  # noqa: E402
 
 
 def export_model(folder: Path) -> Path:
+    """Ultralytics' own export, at opset 17: onnx2torch (the torch engine) has no converter for opset 18's Split."""
     code = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
-            "from bench.ultralytics_side import export_yolov8n_onnx; print(export_yolov8n_onnx(Path(sys.argv[2])))")
+            "from bench.ultralytics_side import export_yolov8n_onnx; print(export_yolov8n_onnx(Path(sys.argv[2]), opset=17))")
     out = subprocess.run([sys.executable, "-c", code, str(ROOT), str(folder)], capture_output=True, text=True, check=True)
     return Path(out.stdout.strip().splitlines()[-1])
 

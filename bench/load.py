@@ -96,7 +96,8 @@ def pipeline_config(clips: list[Path], streams: int, decoder: str, port: int, ar
         "publish": {"bind": f"tcp://127.0.0.1:{port}", "send_hwm": 100000},
         "runtime": {"status_interval_s": 5, "shutdown_deadline_s": 10, "queue_size": 8, "host_slots": args.lanes + 3,
                     "live_batches_in_flight": args.lanes + 1, "letterbox_threads": args.letterbox_threads,
-                    "letterbox_device": args.letterbox, "workers": workers_for(streams, args)},
+                    "letterbox_device": args.letterbox, "workers": workers_for(streams, args),
+                    "worker_devices": list(range(getattr(args, "gpus", 1)))},
     }
 
 
@@ -194,8 +195,11 @@ def measure(clips: list[Path], streams: int, decoder: str, args, workdir: Path, 
         while len(collector.cameras_seen) < streams and time.time() < deadline and process.poll() is None:
             time.sleep(0.2)
         if len(collector.cameras_seen) < streams:
-            result["error"] = (f"{len(collector.cameras_seen)} of {streams} cameras published within "
-                               f"{args.startup_timeout} s (exit {process.poll()})")
+            if process.poll() is not None:
+                last = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()][-1:]
+                result["error"] = f"pipeline exited with {process.returncode}: {last[0][:300] if last else '(no output)'}"
+            else:
+                result["error"] = f"{len(collector.cameras_seen)} of {streams} cameras published within {args.startup_timeout} s"
             return result
         time.sleep(args.warmup)
         gpu = GpuSampler()
@@ -277,6 +281,7 @@ def main() -> int:
                         help="instead of --workers: one worker per this many streams (rounded up)")
     parser.add_argument("--engine", default="torch", choices=["torch", "tensorrt", "onnxruntime"],
                         help="torch: fp16 + CUDA graphs; onnxruntime only to try the harness on a CPU machine")
+    parser.add_argument("--gpus", type=int, default=1, help="spread the workers over GPUs 0..N-1")
     parser.add_argument("--lanes", type=int, default=3)
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--batch-timeout-ms", type=float, default=8.0)
@@ -308,6 +313,7 @@ def main() -> int:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     title = (f"{stamp} | {gpus} x {card} | {os.cpu_count()} CPU cores | commit {commit()} | "
              f"workers {f'1 per {args.streams_per_worker} streams' if args.streams_per_worker else args.workers} | "
+             f"GPUs used {args.gpus} | "
              f"lanes {args.lanes} | max_batch {args.max_batch} | letterbox {args.letterbox}"
              + (f" | {args.label}" if args.label else ""))
     header = ("| decoder | streams | workers | pass | fps total | fps/stream min | mean | p50 ms | p99 ms | max ms | lost | "

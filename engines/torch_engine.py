@@ -55,6 +55,28 @@ def _keep_shape_constants_on_host(module) -> None:
                 setattr(parent, name, getattr(parent, name).cpu())
 
 
+def _inline_identity_initializers(proto) -> int:
+    """Replace `Identity(initializer)` nodes by a copy of the initializer under the output's name.
+
+    PyTorch's ONNX exporter stores identical tensors once and names the others through Identity
+    nodes (YOLOv8 from Ultralytics does this for equal biases); onnx2torch needs every
+    convolution's weights as initializers. Returns how many nodes were inlined.
+    """
+    graph = proto.graph
+    initializers = {t.name: t for t in graph.initializer}
+    inlined = []
+    for node in graph.node:
+        if node.op_type == "Identity" and node.input[0] in initializers:
+            copy = type(initializers[node.input[0]])()
+            copy.CopyFrom(initializers[node.input[0]])
+            copy.name = node.output[0]
+            graph.initializer.append(copy)
+            inlined.append(node)
+    for node in inlined:
+        graph.node.remove(node)
+    return len(inlined)
+
+
 def fp32_layers(module, first: int, last: int) -> None:
     """Run the first `first` and the last `last` convolutions (in graph order) in fp32 under autocast."""
     import torch
@@ -103,7 +125,9 @@ class TorchEngine(DeviceEngine):
         self.device = torch.device("cuda", device)
         torch.cuda.set_device(self.device)
         try:
-            self.module = convert(onnx.load_model_from_string(model.onnx_bytes)).to(self.device).eval()
+            proto = onnx.load_model_from_string(model.onnx_bytes)
+            _inline_identity_initializers(proto)
+            self.module = convert(proto).to(self.device).eval()
         except Exception as exc:
             raise ModelError(f"model.path: onnx2torch cannot convert the model: {str(exc).splitlines()[0][:200]}") from None
         _keep_shape_constants_on_host(self.module)

@@ -74,3 +74,27 @@ def test_wrong_layout_for_the_model_is_refused():
 
     with pytest.raises(ModelError, match="does not match layout 'yolov8'"):
         prepare_model(MODEL, "yolov8", want_batch=1)
+
+
+def test_identity_shared_weights_are_inlined_for_the_torch_engine():
+    """PyTorch's exporter names a repeated tensor through an Identity node; the torch engine's
+    converter needs every convolution's bias as an initializer. Inlining keeps the outputs."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from engines.torch_engine import _inline_identity_initializers
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).normal(size=(4, 3, 3, 3)).astype(np.float32), "w")
+    bias = numpy_helper.from_array(np.arange(4, dtype=np.float32), "b")
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["b"], ["b_shared"]),
+         helper.make_node("Conv", ["x", "w", "b_shared"], ["y"], pads=[1, 1, 1, 1])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], [weight, bias])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.random.default_rng(1).normal(size=(1, 3, 8, 8)).astype(np.float32)
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert _inline_identity_initializers(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["Conv"]
+    assert "b_shared" in {t.name for t in model.graph.initializer}
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(before, after)
