@@ -38,9 +38,11 @@ from bench.load import make_clips, measure  # noqa: E402
 
 
 def export_model(folder: Path) -> Path:
-    """Ultralytics' own export, at opset 17: onnx2torch (the torch engine) has no converter for opset 18's Split."""
+    """Ultralytics' own export (batch 1, which the pipeline makes batch-dynamic and checks), at opset 17:
+    onnx2torch (the torch engine) has no converter for opset 18's Split. Its dynamic-batch export
+    keeps run-time shape arithmetic on the batch, which blocks CUDA graph capture."""
     code = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
-            "from bench.ultralytics_side import export_yolov8n_onnx; print(export_yolov8n_onnx(Path(sys.argv[2]), opset=17))")
+            "from bench.ultralytics_side import export_yolov8n_onnx; print(export_yolov8n_onnx(Path(sys.argv[2]), opset=17, dynamic_batch=False))")
     out = subprocess.run([sys.executable, "-c", code, str(ROOT), str(folder)], capture_output=True, text=True, check=True)
     return Path(out.stdout.strip().splitlines()[-1])
 

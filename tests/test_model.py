@@ -98,3 +98,32 @@ def test_identity_shared_weights_are_inlined_for_the_torch_engine():
     assert "b_shared" in {t.name for t in model.graph.initializer}
     after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_array_equal(before, after)
+
+
+def test_shape_arithmetic_on_static_dims_is_folded_but_the_batch_stays_free():
+    """x * (x.shape[1] / 2) + x.shape[0]: the channel term becomes a constant, the batch term does not."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from pipeline.model import _fold_static_shape_arithmetic
+
+    constants = [numpy_helper.from_array(np.array(1, np.int64), "one"), numpy_helper.from_array(np.array(0, np.int64), "zero"),
+                 numpy_helper.from_array(np.array(2, np.int64), "two")]
+    graph = helper.make_graph([
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Gather", ["s", "one"], ["c"]),
+        helper.make_node("Div", ["c", "two"], ["half"]),
+        helper.make_node("Cast", ["half"], ["half_f"], to=TensorProto.FLOAT),
+        helper.make_node("Gather", ["s", "zero"], ["n"]),
+        helper.make_node("Cast", ["n"], ["n_f"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["x", "half_f"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "n_f"], ["y"]),
+    ], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 2])], constants)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.random.default_rng(0).normal(size=(3, 4, 2)).astype(np.float32)
+    assert _fold_static_shape_arithmetic(model) == 2  # Gather(1) and Div; Gather(0) is the batch
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("Gather") == 1 and "Div" not in ops
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for batch in (1, 3):
+        np.testing.assert_allclose(session.run(None, {"x": x[:batch]})[0], x[:batch] * 2 + batch)
