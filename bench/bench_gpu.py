@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import logging
 import os
 import shutil
@@ -31,7 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import CLIP, MODEL, commit, timed_pipeline  # noqa: E402
+from bench.common import CLIP, MODEL, append_results, commit, timed_pipeline  # noqa: E402
 from engines import create_engine  # noqa: E402
 from pipeline import cuda  # noqa: E402
 from pipeline.config import EngineConfig  # noqa: E402
@@ -229,11 +228,7 @@ def main() -> int:
         throughput_1080p(engine_config, report, data, args.cameras, args.clip_frames, args.keep_clip)
     text = "\n".join(report)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "gpu.md", "a", encoding="utf-8") as f:
-        f.write("\n" + text + "\n")
-    with open(args.out / "gpu.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(data, default=str) + "\n")
+    append_results(args.out, "gpu", text, data)
     return 0
 
 

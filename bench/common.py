@@ -33,6 +33,17 @@ def commit() -> str:
     return out or os.environ.get("BENCH_COMMIT", "unknown")
 
 
+def append_results(out: Path, stem: str, markdown: str, record: dict) -> None:
+    """Append a run to `<out>/<stem>.md` (the table) and `<out>/<stem>.jsonl` (its numbers)."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"{stem}.md", "a", encoding="utf-8") as f:
+        f.write("\n" + markdown + "\n")
+    with open(out / f"{stem}.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+
+
 def timed_pipeline(config: dict) -> tuple[float, Pipeline]:
     """Run the real pipeline on `config` (a config mapping) to its end: (frames published per second, pipeline)."""
     logging.getLogger("pipeline").setLevel(logging.WARNING)

@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import commit  # noqa: E402
+from bench.common import append_results, commit  # noqa: E402
 from bench.load import make_clips, measure  # noqa: E402
 
 
@@ -114,12 +114,8 @@ def main() -> int:
                      f"{fps / best:.2f}x |" if best else "| - |")
     text = "\n".join(lines)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "ultralytics.md", "a", encoding="utf-8") as f:
-        f.write("\n" + text + "\n")
-    with open(args.out / "ultralytics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps({"date": stamp, "card": card, "commit": commit(), "streams": args.streams,
-                            "rows": [{"side": n, "setting": s, **r} for n, s, r in rows]}, default=str) + "\n")
+    append_results(args.out, "ultralytics", text, {"date": stamp, "card": card, "commit": commit(), "streams": args.streams,
+                                                  "rows": [{"side": n, "setting": s, **r} for n, s, r in rows]})
     return 0
 
 

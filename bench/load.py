@@ -43,7 +43,7 @@ import zmq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import CLIP, LABELS, MODEL, commit  # noqa: E402
+from bench.common import CLIP, LABELS, MODEL, append_results, commit  # noqa: E402
 
 FPS = 30
 VARIANTS = 4  # clips whose keyframes fall on different frames, so cameras do not all send I-frames at once
@@ -351,12 +351,8 @@ def main() -> int:
         lines.append(f"| {decoder} | largest passing N: **{best}** |")
     text = "\n".join(lines)
     print(f"\n{text}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "load.md", "a", encoding="utf-8") as f:
-        f.write("\n" + text + "\n")
-    with open(args.out / "load.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps({"date": stamp, "card": card, "gpus": gpus, "commit": commit(), "args": vars(args),
-                            "results": results}, default=str) + "\n")
+    append_results(args.out, "load", text, {"date": stamp, "card": card, "gpus": gpus, "commit": commit(), "args": vars(args),
+                                            "results": results})
     for path in workdir.glob("*.log"):  # keep the pipeline logs next to the results when asked
         if os.environ.get("LOAD_KEEP_LOGS"):
             shutil.copy(path, Path(os.environ["LOAD_KEEP_LOGS"]) / path.name)

@@ -15,10 +15,6 @@ def create_engine(config: EngineConfig, model: PreparedModel) -> Engine:
 
         return OnnxRuntimeEngine(model, config.max_batch, config.intra_op_threads, config.inter_op_threads,
                                  config.spin)
-    if config.on_gpu:
-        from pipeline import cuda
-
-        cuda.set_device(config.device)  # before any library creates the context: its flags must suit NVDEC too
     if config.kind == "torch":
         from engines.torch_engine import TorchEngine
 

@@ -123,6 +123,10 @@ class TorchEngine(DeviceEngine):
             raise ModelError("engine.kind torch needs onnx2torch and torch: pip install torch onnx2torch") from None
         import onnx
 
+        from pipeline import cuda
+
+        if cuda.available():  # first, before PyTorch touches CUDA: the primary context's flags must suit NVDEC too
+            cuda.set_device(device)
         if not torch.cuda.is_available():
             raise ModelError("engine.kind torch: no CUDA device is visible to PyTorch")
         self.torch = torch

@@ -70,11 +70,14 @@ def compute_capability(device: int = 0) -> tuple[int, int]:
 def _share_primary_context(device: int) -> None:
     """Give the device's primary context the flags FFmpeg asks for (blocking sync), so NVDEC decodes
     into the same context as the engine; FFmpeg refuses an active primary context with other flags."""
-    from cuda.bindings import driver
+    try:
+        from cuda.bindings import driver
 
-    for call, result in (("cuInit", driver.cuInit(0)),):
-        if result[0] != driver.CUresult.CUDA_SUCCESS:
-            raise CudaError(f"{call} failed: {result[0]}")
+        (err,) = driver.cuInit(0)
+    except Exception as exc:  # no driver library on this machine
+        raise CudaError(f"no usable CUDA driver: {str(exc).splitlines()[0][:160]}") from None
+    if err != driver.CUresult.CUDA_SUCCESS:
+        raise CudaError(f"cuInit failed: {err}")
     err, handle = driver.cuDeviceGet(device)
     if err == driver.CUresult.CUDA_SUCCESS:
         (err,) = driver.cuDevicePrimaryCtxSetFlags(handle, driver.CUctx_flags.CU_CTX_SCHED_BLOCKING_SYNC)

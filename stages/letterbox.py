@@ -55,8 +55,33 @@ def letterbox_into(image: np.ndarray, dst: np.ndarray, align: str, pad_value: in
     return geo
 
 
-class LetterboxStage(Stage):
+class _SlotFillingStage(Stage):
+    """A letterbox stage: takes a free batch slot for each batch (waiting is back-pressure, not work)."""
+
     name = "letterbox"
+    pool: HostSlotPool
+
+    def _take_slot(self, batch: FrameBatch):
+        slot = None
+        waiting_since = time.perf_counter()
+        while slot is None:
+            slot = self.pool.acquire(timeout=0.5)
+            if slot is None and self.outbox.closed:
+                raise RuntimeError("batch slot pool closed")
+        self._waited += time.perf_counter() - waiting_since
+        batch.slot = slot
+        return slot
+
+    def discard(self, batch: FrameBatch) -> None:
+        for frame in batch.frames:
+            frame.video = None
+        batch.release_credit()
+        if batch.slot is not None:
+            self.pool.release(batch.slot)
+            batch.slot = None
+
+
+class LetterboxStage(_SlotFillingStage):
 
     def __init__(self, inbox: BoundedQueue, outbox: BoundedQueue, pool: HostSlotPool, preset: Preset, keep_images: bool = False,
                  threads: int = 1):
@@ -68,14 +93,7 @@ class LetterboxStage(Stage):
         self._workers = ThreadPoolExecutor(threads, thread_name_prefix="letterbox") if threads > 1 else None
 
     def process(self, batch: FrameBatch) -> None:
-        slot = None
-        waiting_since = time.perf_counter()
-        while slot is None:
-            slot = self.pool.acquire(timeout=0.5)
-            if slot is None and self.outbox.closed:
-                raise RuntimeError("host slot pool closed")
-        self._waited += time.perf_counter() - waiting_since
-        batch.slot = slot
+        self._take_slot(batch)
         rows = range(len(batch.frames))
         if self._workers is not None and len(batch.frames) > 1:
             geometries = list(self._workers.map(lambda row: self._letterbox_row(batch, row), rows))
@@ -95,14 +113,8 @@ class LetterboxStage(Stage):
         if self._workers is not None:
             self._workers.shutdown(wait=True)
 
-    def discard(self, batch: FrameBatch) -> None:
-        batch.release_credit()
-        if batch.slot is not None:
-            self.pool.release(batch.slot)
-            batch.slot = None
 
-
-class GpuLetterboxStage(Stage):
+class GpuLetterboxStage(_SlotFillingStage):
     """Letterbox on the GPU into a device batch buffer (see `pipeline.gpu_letterbox`).
 
     Frames carry their decoded PyAV frame (`Frame.video`): NV12 in device memory from NVDEC is
@@ -112,8 +124,6 @@ class GpuLetterboxStage(Stage):
     once and any lane can read the buffer. With previews on, a frame picked by `preview_gate` is
     also converted to BGR on the host for the publisher.
     """
-
-    name = "letterbox"
 
     def __init__(self, inbox: BoundedQueue, outbox: BoundedQueue, pool: HostSlotPool, preset: Preset, device: int,
                  preview_gate=None):
@@ -140,14 +150,7 @@ class GpuLetterboxStage(Stage):
         set_device(self.device)  # the driver-API launch needs the device's context current in this thread
 
     def process(self, batch: FrameBatch) -> None:
-        slot = None
-        waiting_since = time.perf_counter()
-        while slot is None:
-            slot = self.pool.acquire(timeout=0.5)
-            if slot is None and self.outbox.closed:
-                raise RuntimeError("device slot pool closed")
-        self._waited += time.perf_counter() - waiting_since
-        batch.slot = slot
+        slot = self._take_slot(batch)
         dst_h, dst_w = slot.array.shape[1:3]
         for row, frame in enumerate(batch.frames):
             planes = self._planes(frame, row)
@@ -196,14 +199,6 @@ class GpuLetterboxStage(Stage):
         self.uploads += 1
         return YuvPlanes(w, h, base, w, base + offsets[1], base + offsets[2], w // 2, 1, matrix,
                          full_range or video.format.name == "yuvj420p")
-
-    def discard(self, batch: FrameBatch) -> None:
-        for frame in batch.frames:
-            frame.video = None
-        batch.release_credit()
-        if batch.slot is not None:
-            self.pool.release(batch.slot)
-            batch.slot = None
 
     def on_stop(self) -> None:
         self.stream.synchronize()

@@ -14,20 +14,30 @@ from conftest import PERSON_CLIP, ASSETS, Subscriber, make_config, run_cli, star
 BOTTLE_CLIP = ASSETS / "videos" / "bottle-detection.mp4"
 
 
+def _run_until_ends(path, endpoint: str, cameras: int, signal_after=None):
+    """Start the CLI with a subscriber on every `det/` topic; optionally SIGTERM it once `signal_after`
+    is true of the messages; collect until every camera's end message: (exit code, messages, stderr)."""
+    subscriber = Subscriber(endpoint, [b"det/"])
+    process = start_cli("--config", str(path))
+    try:
+        if signal_after is not None:
+            subscriber.collect(signal_after, timeout=120)
+            process.send_signal(signal.SIGTERM)
+        messages = subscriber.collect(lambda ms: sum(m["type"] == "end" for _, m in ms) == cameras, timeout=240)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        subscriber.close()
+    return process.returncode, messages, err
+
+
 def test_cameras_spread_over_workers_arrive_in_order_on_one_endpoint(tmp_path):
     cameras = [{"id": "a", "url": str(PERSON_CLIP)}, {"id": "b", "url": str(PERSON_CLIP)},
                {"id": "c", "url": str(BOTTLE_CLIP)}]
     path, config = make_config(tmp_path, cameras, engine={"lanes": 1},
                                publish={"wait_subscribers": 1, "wait_timeout_s": 60}, runtime={"workers": 2})
-    subscriber = Subscriber(config["publish"]["bind"], [b"det/"])
-    process = start_cli("--config", str(path))
-    try:
-        messages = subscriber.collect(lambda ms: sum(m["type"] == "end" for _, m in ms) == 3, timeout=240)
-        _, err = process.communicate(timeout=60)
-    finally:
-        process.kill()
-        subscriber.close()
-    assert process.returncode == 0, err
+    returncode, messages, err = _run_until_ends(path, config["publish"]["bind"], 3)
+    assert returncode == 0, err
     assert "worker 0/2" in err and "worker 1/2" in err  # a and c in worker 0, b in worker 1
     frames: dict[str, list] = {"a": [], "b": [], "c": []}
     for _, message in messages:
@@ -59,15 +69,8 @@ def test_a_failing_worker_stops_the_run_and_is_named(tmp_path):
 def test_sigterm_drains_every_worker(tmp_path):
     cameras = [{"id": f"cam{i}", "url": str(PERSON_CLIP), "loop": True, "realtime": True} for i in range(3)]
     path, config = make_config(tmp_path, cameras, engine={"lanes": 1}, runtime={"workers": 3})
-    subscriber = Subscriber(config["publish"]["bind"], [b"det/"])
-    process = start_cli("--config", str(path))
-    try:
-        subscriber.collect(lambda ms: {m["camera"] for _, m in ms} == {"cam0", "cam1", "cam2"}, timeout=120)
-        process.send_signal(signal.SIGTERM)
-        messages = subscriber.collect(lambda ms: sum(m["type"] == "end" for _, m in ms) == 3, timeout=60)
-        _, err = process.communicate(timeout=60)
-    finally:
-        process.kill()
-        subscriber.close()
-    assert process.returncode == 0, err
-    assert {m["camera"] for _, m in messages if m["type"] == "end"} == {"cam0", "cam1", "cam2"}
+    every_camera = {"cam0", "cam1", "cam2"}
+    returncode, messages, err = _run_until_ends(path, config["publish"]["bind"], 3,
+                                                signal_after=lambda ms: {m["camera"] for _, m in ms} == every_camera)
+    assert returncode == 0, err
+    assert {m["camera"] for _, m in messages if m["type"] == "end"} == every_camera
