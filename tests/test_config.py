@@ -1,5 +1,7 @@
 """Configuration: defaults, interpolation, paths, and the checks a typo runs into."""
 
+from pathlib import Path
+
 import pytest
 
 from pipeline.config import load_config, parse_config
@@ -45,3 +47,19 @@ def test_mistakes_name_the_key(change, message):
 def test_top_level_must_be_a_mapping():
     with pytest.raises(ConfigError, match="expected a mapping"):
         parse_config(["a"], "cfg.yaml")
+
+
+def test_the_server_example_config_is_valid(monkeypatch):
+    monkeypatch.setenv("CAM_USER", "u")
+    monkeypatch.setenv("CAM_PASS", "p")
+    config = load_config(Path(__file__).resolve().parent.parent / "configs" / "server.yaml")
+    assert config.letterbox_on_gpu and config.runtime.workers == 1
+    assert all(camera.decoder == "nvdec" for camera in config.cameras)
+
+
+def test_nvdec_needs_a_gpu_engine():
+    data = {"cameras": [{"id": "a", "url": "rtsp://h/s", "decoder": "nvdec"}], "model": {"path": "m.onnx", "preset": "yolox"}}
+    with pytest.raises(ConfigError, match=r"^c.yaml: cameras\[0\].decoder: nvdec needs a GPU engine"):
+        parse_config(data, "c.yaml")
+    data["engine"] = {"kind": "torch"}
+    assert parse_config(data, "c.yaml").letterbox_on_gpu
