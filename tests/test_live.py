@@ -53,6 +53,11 @@ class Collector:
             time.sleep(0.02)
         return None
 
+    def between(self, start: float, end: float, camera: str | None = None) -> list[dict]:
+        """Detections captured in [start, end] (of one camera, or of all)."""
+        return [m for _t, m in list(self.messages) if m["type"] == "detections" and start <= m["capture_time"] <= end
+                and (camera is None or m["camera"] == camera)]
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(2)
@@ -72,6 +77,30 @@ def stop_cli(proc, timeout: float = 15.0) -> tuple[int, str, float]:
     proc.send_signal(signal.SIGTERM)
     _out, err = proc.communicate(timeout=timeout)
     return proc.returncode, err, time.monotonic() - started
+
+
+def run_window(config, summary_path, collector: Collector, cameras: list[str], count: int, warmup_s: float = 0.0,
+               window_s: float = 6.0) -> tuple[int, str, float, float, float]:
+    """Run the CLI until every camera in `cameras` delivered `count` frames, warm up, keep a
+    measurement window, then SIGTERM it. Returns (exit code, stderr, window start, window end,
+    seconds from start to exit); the collector is closed."""
+    started = time.monotonic()
+    proc = start_cli("--config", str(config), "--summary-json", str(summary_path))
+    try:
+        for camera in cameras:
+            if collector.wait_for(camera, count=count) is None:
+                proc.kill()
+                pytest.fail(f"camera {camera} never delivered {count} frames: {proc.communicate()[1][:3000]}")
+        time.sleep(warmup_s)
+        window_start = time.time()
+        time.sleep(window_s)
+        window_end = time.time()
+        code, err, _took = stop_cli(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        collector.close()
+    return code, err, window_start, window_end, time.monotonic() - started
 
 
 def max_gap(frames: list[dict]) -> float:
@@ -172,21 +201,9 @@ def test_camera_that_never_connects_does_not_slow_the_others(tmp_path, rtsp_serv
     config, data = make_config(tmp_path, cameras, runtime={"status_interval_s": 1})
     summary_path = tmp_path / "summary.json"
     collector = Collector(data["publish"]["bind"])
-    started = time.monotonic()
-    proc = start_cli("--config", str(config), "--summary-json", str(summary_path))
-    try:
-        assert collector.wait_for("healthy", count=5) is not None
-        window_start = time.time()
-        time.sleep(6.0)
-        window_end = time.time()
-        code, err, _took = stop_cli(proc)
-        ran_s = time.monotonic() - started
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        collector.close()
+    code, err, window_start, window_end, ran_s = run_window(config, summary_path, collector, ["healthy"], count=5)
     assert code == 0, err[-2000:]
-    healthy = [m for m in collector.frames("healthy", window_start) if m["capture_time"] <= window_end]
+    healthy = collector.between(window_start, window_end, "healthy")
     rate = len(healthy) / (window_end - window_start)
     assert rate > 15 * 0.85, f"healthy camera at {rate:.1f} fps of 15"
     assert max_gap(healthy) < 0.5
@@ -223,26 +240,12 @@ def test_pipeline_slower_than_cameras_keeps_latency_bounded(tmp_path, rtsp_serve
                                publish={"wait_subscribers": 1})
     summary_path = tmp_path / "summary.json"
     collector = Collector(data["publish"]["bind"])
-    proc = start_cli("--config", str(config), "--summary-json", str(summary_path))
-    try:
-        if collector.wait_for("c0", count=10) is None:
-            proc.kill()
-            pytest.fail(proc.communicate()[1][:3000])
-        time.sleep(2.0)  # warm up
-        window_start = time.time()
-        time.sleep(6.0)
-        window_end = time.time()
-        code, err, _took = stop_cli(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        collector.close()
+    code, err, window_start, window_end, _ran = run_window(config, summary_path, collector, ["c0"], count=10, warmup_s=2.0)
     assert code == 0, err[-2000:]
     summary = json.loads(summary_path.read_text())
     stages = summary["stages"]
     processing_s = sum(stages[s]["latency_ms_p50"] for s in ("letterbox", "infer", "postprocess", "publish")) / 1000
-    in_window = [m for _t, m in collector.messages
-                 if m["type"] == "detections" and window_start <= m["capture_time"] <= window_end]
+    in_window = collector.between(window_start, window_end)
     latencies = sorted(m["latency_ms"]["total"] / 1000 for m in in_window)
     median, p95 = latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.95)]
     # about two frame intervals plus one batch of processing; slack for a shared 2-core machine
@@ -282,23 +285,10 @@ def test_subscriber_that_stops_reading_costs_no_throughput(tmp_path, rtsp_server
             stuck.setsockopt(zmq.SUBSCRIBE, b"")
             stuck.connect(data["publish"]["bind"])
         collector = Collector(data["publish"]["bind"])
-        proc = start_cli("--config", str(config), "--summary-json", str(summary_path))
-        try:
-            if collector.wait_for("a", count=10) is None or collector.wait_for("b", count=10) is None:
-                proc.kill()
-                pytest.fail(proc.communicate()[1][:3000])
-            time.sleep(1.0)
-            window_start = time.time()
-            time.sleep(6.0)
-            window_end = time.time()
-            code, err, _took = stop_cli(proc)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            collector.close()
+        code, err, window_start, window_end, _ran = run_window(config, summary_path, collector, ["a", "b"], count=10,
+                                                               warmup_s=1.0)
         assert code == 0, err[-2000:]
-        in_window = [m for _t, m in collector.messages
-                     if m["type"] == "detections" and window_start <= m["capture_time"] <= window_end]
+        in_window = collector.between(window_start, window_end)
         rates.append(len(in_window) / (window_end - window_start))
         if stuck is not None:
             stuck_got = 0
