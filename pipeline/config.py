@@ -157,13 +157,16 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _gpu_features_need_gpu_engine(self) -> "Config":
+        nvdec = [i for i, camera in enumerate(self.cameras) if camera.decoder == "nvdec"]
         if not self.engine.on_gpu:
-            for i, camera in enumerate(self.cameras):
-                if camera.decoder == "nvdec":
-                    raise ValueError(f"cameras[{i}].decoder: nvdec needs a GPU engine (engine.kind torch or tensorrt), "
-                                     f"not {self.engine.kind}")
+            if nvdec:
+                raise ValueError(f"cameras[{nvdec[0]}].decoder: nvdec needs a GPU engine (engine.kind torch or tensorrt), "
+                                 f"not {self.engine.kind}")
             if self.runtime.letterbox_device == "gpu":
                 raise ValueError(f"runtime.letterbox_device: gpu needs a GPU engine, not {self.engine.kind}")
+        if nvdec and self.runtime.letterbox_device == "cpu":  # NVDEC frames stay on the GPU: only it can letterbox them
+            raise ValueError(f"runtime.letterbox_device: cpu cannot letterbox NVDEC frames (cameras[{nvdec[0]}].decoder "
+                             f"is nvdec); use gpu or auto")
         return self
 
     @property

@@ -108,7 +108,8 @@ class SourceStage(Stage):
         super().__init__(None, outbox)
         self.camera = camera
         # keep_video: hand on the decoded frame itself (YUV, or NV12 on the GPU) for the GPU letterbox
-        self.keep_video = keep_video or camera.decoder == "nvdec"
+        # (always so with NVDEC: the config refuses nvdec with a CPU letterbox)
+        self.keep_video = keep_video
         self.device = device
         self._reformatter = VideoReformatter()  # keeps its swscale context across frames
         self.stop_event = stop

@@ -63,3 +63,6 @@ def test_nvdec_needs_a_gpu_engine():
         parse_config(data, "c.yaml")
     data["engine"] = {"kind": "torch"}
     assert parse_config(data, "c.yaml").letterbox_on_gpu
+    data["runtime"] = {"letterbox_device": "cpu"}  # NVDEC's frames never reach the host: refused, not failing per batch
+    with pytest.raises(ConfigError, match=r"^c.yaml: runtime.letterbox_device: cpu cannot letterbox NVDEC frames"):
+        parse_config(data, "c.yaml")
