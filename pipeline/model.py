@@ -153,7 +153,12 @@ def _make_batch_dynamic(model) -> bool:
     return edited
 
 
-_FOLDABLE = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply}
+def _onnx_div(a, b):
+    """ONNX Div: integer division truncates (dimensions are never negative here)."""
+    return a // b if np.issubdtype(np.asarray(a).dtype, np.integer) else a / b
+
+
+_FOLDABLE = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": _onnx_div}
 
 
 def _fold_static_shape_arithmetic(model) -> int:
@@ -187,13 +192,10 @@ def _fold_static_shape_arithmetic(model) -> int:
             if not np.any(index == 0):  # never the batch
                 result = np.array([dims[i] for i in index.flat], np.int64).reshape(index.shape)
         elif node.op_type in _FOLDABLE and all(i in values for i in node.input):
-            result = _FOLDABLE[node.op_type](*(values[i] for i in node.input))
-        elif node.op_type == "Div" and all(i in values for i in node.input):
-            a, b = (values[i] for i in node.input)
-            result = a // b if np.issubdtype(np.asarray(a).dtype, np.integer) else a / b
+            first = np.asarray(values[node.input[0]])
+            result = np.asarray(_FOLDABLE[node.op_type](*(values[i] for i in node.input)), dtype=first.dtype)
         if result is not None:
-            values[node.output[0]] = np.asarray(result, dtype=np.asarray(values.get(node.input[0], result)).dtype
-                                                if node.op_type != "Gather" else np.int64)
+            values[node.output[0]] = result
             folded.append(node)
     if not folded:
         return 0
@@ -276,13 +278,13 @@ def prepare_model(path: Path, preset_name: str, want_batch: int = 1) -> Prepared
     if not batch_dynamic and batch_dim != 1:
         raise ModelError(f"model.path: {path}: fixed batch {batch_dim} is not supported; export with batch 1 or a dynamic batch")
     onnx_bytes = model.SerializeToString()
-    if _fold_static_shape_arithmetic(model):
-        candidate = model.SerializeToString()
+    folded = type(model)()
+    folded.CopyFrom(model)
+    if _fold_static_shape_arithmetic(folded):
+        candidate = folded.SerializeToString()
         if _same_outputs(onnx_bytes, candidate, INPUT_NAME, hw):
-            onnx_bytes = candidate
+            model, onnx_bytes = folded, candidate
         else:  # never expected: keep the model as exported
-            model = load_onnx(path)
-            _prepend_preprocessing(model, preset)
             log.warning("model %s: folding static shape arithmetic changed the outputs; not folded", Path(path).name)
     if not batch_dynamic and want_batch > 1:
         original = onnx_bytes
