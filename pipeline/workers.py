@@ -99,6 +99,12 @@ def run_workers(config: Config, config_path: str, summary_json: str | None, log_
     stop_requested = threading.Event()
     processes: list[subprocess.Popen] = []
 
+    def stop_workers() -> None:
+        stop_requested.set()
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+
     def on_signal(signum, _frame):
         if stop_requested.is_set():
             log.warning("second %s: killing the workers", signal.Signals(signum).name)
@@ -106,37 +112,33 @@ def run_workers(config: Config, config_path: str, summary_json: str | None, log_
                 process.kill()
             return
         log.info("%s: stopping %d worker(s)", signal.Signals(signum).name, len(processes))
-        stop_requested.set()
-        for process in processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
+        stop_workers()
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     summaries = [Path(folder) / f"summary_{i}.json" for i in range(count)]
+    cameras = [", ".join(c.id for c in config.cameras[i::count]) for i in range(count)]
     for i in range(count):
         command = [sys.executable, str(Path(__file__).resolve().parent.parent / "run.py"), "run", "--config", config_path,
                    "--worker", f"{i}/{count}", "--publish-connect", internal, "--summary-json", str(summaries[i])]
         if log_level:
             command += ["--log-level", log_level]
         processes.append(subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}))
-        cameras = ", ".join(c.id for c in config.cameras[i::count])
         log.info("worker %d/%d (pid %d, GPU %d): %s", i, count, processes[-1].pid,
-                 worker_config(config, i, count).engine.device, cameras)
+                 worker_config(config, i, count).engine.device, cameras[i])
 
-    failed: list[str] = []
-    while any(p.poll() is None for p in processes):
+    failed: dict[int, str] = {}  # worker index -> what went wrong, in the order they failed
+    running = True
+    while running:
         time.sleep(0.2)
+        running = any(p.poll() is None for p in processes)  # then one last look at every exit code
         for i, process in enumerate(processes):
             code = process.poll()
-            if code not in (None, 0) and f"worker {i}" not in " ".join(failed):
-                failed.append(f"worker {i} (cameras {', '.join(c.id for c in config.cameras[i::count])}) exited with {code}")
+            if code not in (None, 0) and i not in failed:
+                failed[i] = f"worker {i} (cameras {cameras[i]}) exited with {code}"
                 if not stop_requested.is_set():
-                    log.error("%s: stopping the other workers", failed[-1])
-                    stop_requested.set()
-                    for other in processes:
-                        if other.poll() is None:
-                            other.send_signal(signal.SIGTERM)
+                    log.error("%s: stopping the other workers", failed[i])
+                    stop_workers()
     proxy.stop()
     if summary_json:
         merged = {"workers": []}
@@ -155,7 +157,7 @@ def run_workers(config: Config, config_path: str, summary_json: str | None, log_
     except OSError:
         pass
     if failed:
-        log.error("run failed: %s", "; ".join(failed))
+        log.error("run failed: %s", "; ".join(failed.values()))
         codes = [p.returncode for p in processes if p.returncode and p.returncode > 0]
         return codes[0] if codes else 1
     return 0
