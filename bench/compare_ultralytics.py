@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import append_results, commit  # noqa: E402
-from bench.load import make_clips, measure  # noqa: E402
+from bench.load import build_parser as build_load_parser, make_clips, measure  # noqa: E402
 
 
 def export_model(folder: Path) -> Path:
@@ -85,10 +85,11 @@ def main() -> int:
                      ultralytics_run(sources, args, rect)))
 
     def pipeline(decoder: str, workers: int, letterbox: str) -> dict:
-        options = argparse.Namespace(model=model, preset="yolov8", labels=None, engine="torch", lanes=3, max_batch=32,
-                                     batch_timeout_ms=8.0, decode_threads=1, letterbox=letterbox, letterbox_threads=4,
-                                     workers=workers, streams_per_worker=0, warmup=args.warmup, duration=args.duration,
-                                     startup_timeout=120.0, profile=False)
+        # the load benchmark's own defaults (torch fp16 + graphs, 3 lanes, batch <= 32), on this model
+        options = build_load_parser().parse_args([
+            "--model", str(model), "--preset", "yolov8", "--labels", "", "--letterbox", letterbox,
+            "--workers", str(workers), "--warmup", str(args.warmup), "--duration", str(args.duration),
+            "--startup-timeout", "120"])
         result = measure(clips, args.streams, decoder, options, work, live=False)
         return {"fps_total": result.get("fps_total"), "fps_per_stream": result.get("fps_stream_mean"),
                 "latency_p50_ms": result.get("latency_p50_ms"), "latency_p99_ms": result.get("latency_p99_ms"),

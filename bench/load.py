@@ -97,7 +97,7 @@ def pipeline_config(clips: list[Path], streams: int, decoder: str, port: int, ar
         "runtime": {"status_interval_s": 5, "shutdown_deadline_s": 10, "queue_size": 8, "host_slots": args.lanes + 3,
                     "live_batches_in_flight": args.lanes + 1, "letterbox_threads": args.letterbox_threads,
                     "letterbox_device": args.letterbox, "workers": workers_for(streams, args),
-                    "worker_devices": list(range(getattr(args, "gpus", 1)))},
+                    "worker_devices": list(range(args.gpus))},
     }
 
 
@@ -271,7 +271,8 @@ def top_functions(profile: Path, limit: int = 12) -> list[tuple[str, float]]:
     return [(name, 100.0 * n / total) for name, n in sorted(counts.items(), key=lambda kv: -kv[1])[:limit]] if total else []
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's options; bench/compare_ultralytics.py takes its pipeline settings from here too."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--decoders", default="cpu,nvdec")
     parser.add_argument("--streams", default="32,48,64,80,96", help="stream counts to try, ascending")
@@ -290,7 +291,7 @@ def main() -> int:
     parser.add_argument("--letterbox-threads", type=int, default=4)
     parser.add_argument("--model", type=Path, default=MODEL)
     parser.add_argument("--preset", default="yolox")
-    parser.add_argument("--labels", type=Path, default=LABELS)
+    parser.add_argument("--labels", type=lambda v: Path(v) if v else None, default=LABELS, help="class names ('' for none)")
     parser.add_argument("--warmup", type=float, default=5.0)
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--startup-timeout", type=float, default=90.0)
@@ -298,7 +299,11 @@ def main() -> int:
     parser.add_argument("--clips", type=Path, default=None, help="folder for the generated clips (kept)")
     parser.add_argument("--label", default="", help="a note for the results table")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="load-"))
     clip_dir = args.clips or workdir
