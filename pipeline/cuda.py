@@ -71,18 +71,30 @@ def _share_primary_context(device: int) -> None:
     """Give the device's primary context the flags FFmpeg asks for (blocking sync), so NVDEC decodes
     into the same context as the engine; FFmpeg refuses an active primary context with other flags."""
     try:
-        from cuda.bindings import driver
-
-        (err,) = driver.cuInit(0)
+        driver = driver_api()
+        result = driver.cuInit(0)
     except Exception as exc:  # no driver library on this machine
         raise CudaError(f"no usable CUDA driver: {str(exc).splitlines()[0][:160]}") from None
+    check_driver(result, "cuInit")
+    handle = check_driver(driver.cuDeviceGet(device), f"cuDeviceGet({device})")
+    check_driver(driver.cuDevicePrimaryCtxSetFlags(handle, driver.CUctx_flags.CU_CTX_SCHED_BLOCKING_SYNC),
+                 f"cuDevicePrimaryCtxSetFlags(device {device})")
+
+
+def driver_api():
+    from cuda.bindings import driver
+
+    return driver
+
+
+def check_driver(result, call: str):
+    """`check` for the driver API (cuda.bindings.driver): unpack, or raise `CudaError` naming the call."""
+    driver = driver_api()
+    err, *values = result if isinstance(result, tuple) else (result,)
     if err != driver.CUresult.CUDA_SUCCESS:
-        raise CudaError(f"cuInit failed: {err}")
-    err, handle = driver.cuDeviceGet(device)
-    if err == driver.CUresult.CUDA_SUCCESS:
-        (err,) = driver.cuDevicePrimaryCtxSetFlags(handle, driver.CUctx_flags.CU_CTX_SCHED_BLOCKING_SYNC)
-    if err != driver.CUresult.CUDA_SUCCESS:
-        raise CudaError(f"cuDevicePrimaryCtxSetFlags(device {device}) failed: {err}")
+        _, name = driver.cuGetErrorName(err)
+        raise CudaError(f"{call} failed: {name.decode() if isinstance(name, bytes) else name}")
+    return values[0] if len(values) == 1 else (tuple(values) or None)
 
 
 def set_device(device: int) -> None:

@@ -16,7 +16,7 @@ import functools
 
 import numpy as np
 
-from pipeline.cuda import CudaError, Stream, compute_capability
+from pipeline.cuda import CudaError, Stream, check_driver, compute_capability, driver_api
 from pipeline.record import Letterbox
 
 _SOURCE = r"""
@@ -95,21 +95,6 @@ def frame_matrix(av_frame) -> tuple[str, bool]:
     return ("bt709" if colorspace == 1 else "bt601"), color_range == 2
 
 
-def _drv():
-    from cuda.bindings import driver
-
-    return driver
-
-
-def _check_driver(result, call: str):
-    driver = _drv()
-    err, *values = result if isinstance(result, tuple) else (result,)
-    if err != driver.CUresult.CUDA_SUCCESS:
-        _, name = driver.cuGetErrorName(err)
-        raise CudaError(f"{call} failed: {name.decode() if isinstance(name, bytes) else name}")
-    return values[0] if len(values) == 1 else (tuple(values) or None)
-
-
 def compile_kernel(arch: tuple[int, int]) -> bytes:
     """CUBIN of the letterbox kernel for one compute capability (NVRTC)."""
     from cuda.bindings import nvrtc
@@ -139,10 +124,10 @@ def compile_kernel(arch: tuple[int, int]) -> bytes:
 
 @functools.lru_cache(maxsize=None)
 def _kernel(device: int):
-    driver = _drv()
+    driver = driver_api()
     cubin = compile_kernel(compute_capability(device))
-    module = _check_driver(driver.cuModuleLoadData(cubin), "cuModuleLoadData")
-    return module, _check_driver(driver.cuModuleGetFunction(module, b"letterbox_yuv420"), "cuModuleGetFunction")
+    module = check_driver(driver.cuModuleLoadData(cubin), "cuModuleLoadData")
+    return module, check_driver(driver.cuModuleGetFunction(module, b"letterbox_yuv420"), "cuModuleGetFunction")
 
 
 _ARG_TYPES = (ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
@@ -192,7 +177,7 @@ class GpuLetterboxer:
                 geo.pad_x, geo.pad_y, geo.resized_w, geo.resized_h,
                 planes.width / geo.resized_w, planes.height / geo.resized_h,
                 *coefficients, self.pad_value, self.rgb_order)
-        _check_driver(_drv().cuLaunchKernel(self.function, *self.grid, *self.block, 0, stream.ptr, (args, _ARG_TYPES), 0),
+        check_driver(driver_api().cuLaunchKernel(self.function, *self.grid, *self.block, 0, stream.ptr, (args, _ARG_TYPES), 0),
                       "cuLaunchKernel(letterbox_yuv420)")
 
 
