@@ -358,9 +358,6 @@ def main() -> int:
     print(f"\n{text}")
     append_results(args.out, "load", text, {"date": stamp, "card": card, "gpus": gpus, "commit": commit(), "args": vars(args),
                                             "results": results})
-    for path in workdir.glob("*.log"):  # keep the pipeline logs next to the results when asked
-        if os.environ.get("LOAD_KEEP_LOGS"):
-            shutil.copy(path, Path(os.environ["LOAD_KEEP_LOGS"]) / path.name)
     return 0
 
 
