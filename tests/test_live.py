@@ -15,7 +15,7 @@ import time
 import pytest
 import zmq
 
-from conftest import PERSON_CLIP, make_config, start_cli
+from conftest import PERSON_CLIP, Subscriber, make_config, start_cli
 
 pytestmark = pytest.mark.usefixtures("assets_present")
 
@@ -24,11 +24,7 @@ class Collector:
     """A real SUB socket read on a thread: every header with its arrival time."""
 
     def __init__(self, endpoint: str, topics: list[bytes] = (b"det/",)):
-        self.socket = zmq.Context.instance().socket(zmq.SUB)
-        self.socket.setsockopt(zmq.RCVHWM, 100000)
-        for topic in topics:
-            self.socket.setsockopt(zmq.SUBSCRIBE, topic)
-        self.socket.connect(endpoint)
+        self.socket = Subscriber(endpoint, list(topics)).socket  # the same SUB socket, read on a thread here
         self.messages: list[tuple[float, dict]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
