@@ -19,6 +19,8 @@ ASSETS = Path(os.environ.get("ASSETS_DIR", ROOT.parent / "shared" / "assets")).r
 MODEL = ASSETS / "models" / "yolox_nano.onnx"
 LABELS = ASSETS / "models" / "coco_classes.txt"
 PERSON_CLIP = ASSETS / "videos" / "one-by-one-person-detection.mp4"
+BOTTLE_CLIP = ASSETS / "videos" / "bottle-detection.mp4"
+SHORT_FRAMES = 240  # frames in each of `short_clips`
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -44,6 +46,31 @@ def make_config(tmp_path: Path, cameras: list[dict], name: str = "test.yaml", **
     path = tmp_path / name
     path.write_text(yaml.safe_dump(config))
     return path, config
+
+
+def engine_fps(batch: int = 1, runs: int = 5) -> float:
+    """Frames a second the test configs' engine (ONNX Runtime, one single-threaded call, the demo model)
+    runs on this machine right now, median of `runs`.
+
+    Machines here differ by 4x in speed and are shared: a test that feeds a live source pays it below
+    this capacity (or sizes its load from it), so its verdict means the same on a slow or busy machine."""
+    import statistics
+
+    import numpy as np
+
+    from engines.onnxruntime_engine import OnnxRuntimeEngine
+    from pipeline.model import prepare_model
+
+    model = prepare_model(MODEL, "yolox", batch)
+    engine = OnnxRuntimeEngine(model, batch, intra_op_threads=1)
+    images = np.zeros((batch, *model.input_hw, 3), np.uint8)
+    engine.infer(images)  # first call: allocations
+    seconds = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        engine.infer(images)
+        seconds.append(time.perf_counter() - started)
+    return batch / statistics.median(seconds)
 
 
 def run_cli(*args: str, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -96,6 +123,33 @@ def run_and_collect(config_path: Path, endpoint: str, topic: bytes, *args: str, 
         process.kill()
         subscriber.close()
     return process.returncode, messages, err
+
+
+def cut_clip(source: Path, out: Path, start: int, frames: int = SHORT_FRAMES) -> Path:
+    """Frames [start, start + frames) of `source`, re-encoded at its size and 25 fps."""
+    import av
+
+    with av.open(str(source)) as src, av.open(str(out), "w") as dst:
+        stream = dst.add_stream("mpeg4", rate=25)
+        stream.width, stream.height = src.streams.video[0].width, src.streams.video[0].height
+        stream.pix_fmt, stream.bit_rate = "yuv420p", 4_000_000
+        for i, frame in enumerate(src.decode(video=0)):
+            if i >= start + frames:
+                break
+            if i >= start:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame.to_ndarray(format="bgr24"), format="bgr24")):
+                    dst.mux(packet)
+        for packet in stream.encode():
+            dst.mux(packet)
+    return out
+
+
+@pytest.fixture(scope="session")
+def short_clips(tmp_path_factory) -> tuple[Path, Path]:
+    """(people walking through, bottles): SHORT_FRAMES-frame cuts of the demo clips, for tests that run
+    several cameras to their end; the same checks as on the whole clips, in a time a slow machine affords."""
+    folder = tmp_path_factory.mktemp("short-clips")
+    return cut_clip(PERSON_CLIP, folder / "people.mp4", 200), cut_clip(BOTTLE_CLIP, folder / "bottles.mp4", 0)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import time
 import pytest
 import zmq
 
-from conftest import PERSON_CLIP, Subscriber, make_config, start_cli
+from conftest import PERSON_CLIP, Subscriber, engine_fps, make_config, start_cli
 
 pytestmark = pytest.mark.usefixtures("assets_present")
 
@@ -58,6 +58,13 @@ class Collector:
         self._stop.set()
         self._thread.join(2)
         self.socket.close(0)
+
+
+def camera_fps(cameras: int, most: int) -> int:
+    """A frame rate for each of `cameras` live cameras that the pipeline keeps up with on this machine now:
+    half of what the engine alone runs, shared by the cameras (2 to `most` fps). Tests that say "the
+    healthy camera keeps its rate" mean the pipeline's fault, not a machine too slow or too busy for 15 fps."""
+    return max(2, min(most, int(engine_fps() / (2 * cameras))))
 
 
 def live_camera(cam_id: str, url: str, **overrides) -> dict:
@@ -106,8 +113,10 @@ def max_gap(frames: list[dict]) -> float:
 
 @pytest.mark.slow
 def test_server_killed_and_restarted_five_times(tmp_path, rtsp_server):
-    flaky_server = rtsp_server(fps=15)
-    healthy_server = rtsp_server(fps=15)
+    fps = camera_fps(2, most=15)
+    outage_s = max(1.0, 4 / fps)  # longer than any gap the healthy camera may show: a stall it caused would show
+    flaky_server = rtsp_server(fps=fps)
+    healthy_server = rtsp_server(fps=fps)
     config, data = make_config(tmp_path, [live_camera("flaky", flaky_server.url()),
                                           live_camera("healthy", healthy_server.url())])
     summary_path = tmp_path / "summary.json"
@@ -120,7 +129,7 @@ def test_server_killed_and_restarted_five_times(tmp_path, rtsp_server):
         recoveries = []
         for _cycle in range(5):
             flaky_server.kill()
-            time.sleep(1.0)
+            time.sleep(outage_s)
             flaky_server.start()
             back = time.time()
             recoveries.append(collector.wait_for("flaky", since=back, timeout=10.0))
@@ -132,10 +141,12 @@ def test_server_killed_and_restarted_five_times(tmp_path, rtsp_server):
             proc.kill()
         collector.close()
     assert code == 0, err[-2000:]
-    assert all(r is not None and r < 3.0 for r in recoveries), f"seconds to read again after each return: {recoveries}"
+    # backoff capped at 1 s (reconnect_cap_s), then connect and the first keyframe (one a second)
+    assert all(r is not None and r < 4.0 for r in recoveries), f"seconds to read again after each return: {recoveries}"
     healthy = [m for m in collector.frames("healthy", healthy_from) if m["capture_time"] <= healthy_until]
-    assert len(healthy) > 15 * (healthy_until - healthy_from) * 0.8, "healthy camera lost its rate"
-    assert max_gap(healthy) < 0.5, f"healthy camera had a gap of {max_gap(healthy):.2f} s"
+    assert len(healthy) > fps * (healthy_until - healthy_from) * 0.8, f"healthy camera lost its rate of {fps} fps"
+    gap_bound = max(0.5, 3 / fps)
+    assert max_gap(healthy) < gap_bound, f"healthy camera had a gap of {max_gap(healthy):.2f} s at {fps} fps"
     summary = json.loads(summary_path.read_text())
     print(f"recoveries {recoveries} healthy max gap {max_gap(healthy):.3f}s", summary["cameras"])
     assert summary["cameras"]["flaky"]["reconnects"] >= 5
@@ -187,7 +198,8 @@ def test_frozen_server_is_detected_and_reconnected_without_hang(tmp_path, rtsp_s
 
 @pytest.mark.slow
 def test_camera_that_never_connects_does_not_slow_the_others(tmp_path, rtsp_server):
-    server = rtsp_server(fps=15)
+    fps = camera_fps(1, most=15)
+    server = rtsp_server(fps=fps)
     secret = "s3cr3t-pass"
     dead_url = f"rtsp://admin:{secret}@127.0.0.1:{free_port_closed()}/live"
     wrong_path = server.url("no-such-mount", credentials=f"admin:{secret}")
@@ -201,8 +213,9 @@ def test_camera_that_never_connects_does_not_slow_the_others(tmp_path, rtsp_serv
     assert code == 0, err[-2000:]
     healthy = collector.between(window_start, window_end, "healthy")
     rate = len(healthy) / (window_end - window_start)
-    assert rate > 15 * 0.85, f"healthy camera at {rate:.1f} fps of 15"
-    assert max_gap(healthy) < 0.5
+    assert rate > fps * 0.85, f"healthy camera at {rate:.1f} fps of {fps}"
+    # the dead cameras retry every 0.1-1 s; a retry that held up the healthy camera would show as a gap
+    assert max_gap(healthy) < max(0.5, 3 / fps), f"healthy camera had a gap of {max_gap(healthy):.2f} s at {fps} fps"
     summary = json.loads(summary_path.read_text())
     for cam in ("dead", "wrongpath"):
         stats = summary["cameras"][cam]
@@ -228,7 +241,8 @@ def free_port_closed() -> int:
 
 @pytest.mark.slow
 def test_pipeline_slower_than_cameras_keeps_latency_bounded(tmp_path, rtsp_server):
-    # six 25 fps cameras (150 frames/s) on two cores: the CPU model runs ~70-100 frames/s here
+    # six 25 fps cameras (150 frames/s) against one single-threaded lane: on the machines here it runs
+    # 15-110 frames/s, so the pipeline is behind (the test checks it really was: drops counted)
     fps = 25
     server = rtsp_server(fps=fps, size="640x480")
     cameras = [live_camera(f"c{i}", server.url()) for i in range(6)]
@@ -241,19 +255,24 @@ def test_pipeline_slower_than_cameras_keeps_latency_bounded(tmp_path, rtsp_serve
     summary = json.loads(summary_path.read_text())
     stages = summary["stages"]
     processing_s = sum(stages[s]["latency_ms_p50"] for s in ("letterbox", "infer", "postprocess", "publish")) / 1000
+    # the slowest batches: on a busy machine one batch's processing varies by 2x or more
+    processing_p99_s = sum(stages[s]["latency_ms_p99"] for s in ("letterbox", "infer", "postprocess", "publish")) / 1000
     in_window = collector.between(window_start, window_end)
     latencies = sorted(m["latency_ms"]["total"] / 1000 for m in in_window)
     median, p95 = latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.95)]
-    # about two frame intervals plus one batch of processing; slack for a shared 2-core machine
+    # about two frame intervals plus one batch of processing (plain queues: seconds, and growing);
+    # the tail is bounded by the slowest batches' processing, which a busy machine stretches
     bound = 2 / fps + processing_s + 0.1
+    tail_bound = 2 / fps + processing_p99_s + 0.15
     print(f"{len(in_window) / (window_end - window_start):.1f} frames/s published, latency median "
-          f"{median * 1000:.0f} ms p95 {p95 * 1000:.0f} ms, bound {bound * 1000:.0f} ms")
+          f"{median * 1000:.0f} ms p95 {p95 * 1000:.0f} ms, bounds {bound * 1000:.0f} / {tail_bound * 1000:.0f} ms")
     assert median < bound, (median, bound)
-    assert p95 < bound + 0.15, (p95, bound)
-    # bounded means not growing: the last seconds are no worse than the first
+    assert p95 < tail_bound, (p95, tail_bound)
+    # bounded means not growing: the last seconds are no worse than the first, give or take one batch's
+    # processing (a queue that grew would add about a second every second the pipeline is behind)
     first = sorted(m["latency_ms"]["total"] for m in in_window if m["capture_time"] < window_start + 2)
     last = sorted(m["latency_ms"]["total"] for m in in_window if m["capture_time"] > window_end - 2)
-    assert last[len(last) // 2] < first[len(first) // 2] + 50
+    assert last[len(last) // 2] < first[len(first) // 2] + max(50, processing_s * 1000), (first, last)
     # the pipeline really was behind, every drop is counted, and nothing else went missing
     for cam in (c["id"] for c in cameras):
         stats = summary["cameras"][cam]
@@ -264,9 +283,9 @@ def test_pipeline_slower_than_cameras_keeps_latency_bounded(tmp_path, rtsp_serve
 
 @pytest.mark.slow
 def test_subscriber_that_stops_reading_costs_no_throughput(tmp_path, rtsp_server):
-    # 2 x 10 fps, far below what the pipeline can do even on a busy shared machine: both runs
-    # should keep the cameras' rate unless the stuck subscriber holds the publisher back
-    fps = 10
+    # two cameras at a rate the pipeline keeps up with on this machine: both runs should keep the
+    # cameras' rate unless the stuck subscriber holds the publisher back
+    fps = camera_fps(2, most=10)
     server = rtsp_server(fps=fps)
     cameras = [live_camera("a", server.url()), live_camera("b", server.url())]
     rates, stuck_got, published = [], None, None
@@ -295,8 +314,9 @@ def test_subscriber_that_stops_reading_costs_no_throughput(tmp_path, rtsp_server
             published = json.loads(summary_path.read_text())["stages"]["publish"]["frames_out"]
     print(f"published frames/s without / with a stuck subscriber: {rates[0]:.1f} / {rates[1]:.1f}; "
           f"the stuck one got {stuck_got} of {published}")
-    assert rates[0] > len(cameras) * fps * 0.85, rates  # every camera at its rate
-    assert abs(rates[1] - rates[0]) <= 0.05 * rates[0], rates
+    assert rates[0] > len(cameras) * fps * 0.85, (rates, fps)  # every camera at its rate
+    # a publisher held back by the stuck subscriber stalls once its queue of 20 is full (rate near 0)
+    assert rates[1] > len(cameras) * fps * 0.85 and rates[1] >= 0.85 * rates[0], (rates, fps)
     # the stuck subscriber did connect and subscribe (it holds what the kernel buffered for it)
     assert stuck_got > 0
 

@@ -8,21 +8,25 @@ from fractions import Fraction
 
 import av
 
-from conftest import PERSON_CLIP, Subscriber, make_config, start_cli
-
-FPS = 20
-FRAMES = 20  # one second a loop
+from conftest import PERSON_CLIP, Subscriber, engine_fps, make_config, start_cli
 
 
-def _short_clip(path):
+def paced_fps() -> int:
+    """The camera's rate: a third of what the engine alone runs on this machine now (2 to 20 fps), so a
+    pipeline that works keeps up even on a slow, busy machine and every lost frame is the pipeline's fault."""
+    return max(2, min(20, int(engine_fps() / 3)))
+
+
+def _short_clip(path, fps: int):
+    """`fps` frames at `fps`: one second a loop."""
     with av.open(str(PERSON_CLIP)) as src, av.open(str(path), "w") as dst:
-        stream = dst.add_stream("mpeg4", rate=FPS)
+        stream = dst.add_stream("mpeg4", rate=fps)
         stream.width, stream.height, stream.pix_fmt = 384, 216, "yuv420p"
         for i, frame in enumerate(src.decode(video=0)):
-            if i >= FRAMES:
+            if i >= fps:
                 break
             small = frame.reformat(width=384, height=216, format="yuv420p")
-            small.pts, small.time_base = i, Fraction(1, FPS)
+            small.pts, small.time_base = i, Fraction(1, fps)
             for packet in stream.encode(small):
                 dst.mux(packet)
         for packet in stream.encode():
@@ -31,26 +35,28 @@ def _short_clip(path):
 
 
 def test_a_paced_looping_file_plays_like_a_camera(tmp_path):
-    clip = _short_clip(tmp_path / "short.mp4")
-    path, config = make_config(tmp_path, [{"id": "cam", "url": str(clip), "live": True, "realtime": True, "loop": True}])
+    fps = paced_fps()
+    clip = _short_clip(tmp_path / "short.mp4", fps)
+    path, config = make_config(tmp_path, [{"id": "cam", "url": str(clip), "live": True, "realtime": True, "loop": True}],
+                               runtime={"shutdown_deadline_s": 60})
     subscriber = Subscriber(config["publish"]["bind"], [b"det/cam/"])
     process = start_cli("--config", str(path))
     try:
         first = subscriber.collect(lambda ms: len(ms) >= 1, timeout=60)
         started = time.monotonic()
-        time.sleep(3.5)
+        time.sleep(max(3.5, 20 / fps))  # about 20 frames: the rate check is not at the mercy of one frame
         window = time.monotonic() - started
         messages = subscriber.collect(lambda ms: False, timeout=0.2)
     finally:
         process.terminate()
-        process.communicate(timeout=30)
+        _out, err = process.communicate(timeout=60)
         subscriber.close()
-    assert first
+    assert first, err[-2000:]
     frames = [m for _, m in messages if m["type"] == "detections"]
     indices = [m["frame"] for m in frames]
-    assert indices == list(range(len(indices))), "frame numbers go on across loops, none lost"
+    assert indices == list(range(len(indices))), f"frame numbers go on across loops, none lost (at {fps} fps): {indices}"
     received = len(frames) - 1  # the first one arrived before the window
-    assert 0.85 * FPS * window <= received <= 1.15 * FPS * window + 2, f"{received} frames in {window:.1f} s: not paced"
+    assert 0.85 * fps * window <= received <= 1.15 * fps * window + 2, f"{received} frames in {window:.1f} s at {fps} fps: not paced"
     pts = [m["pts"] for m in frames]
     assert sum(1 for a, b in zip(pts, pts[1:]) if b < a) >= 2, "timestamps start over at each loop"
     latencies = sorted(m["latency_ms"]["total"] for m in frames)

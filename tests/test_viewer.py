@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -227,25 +228,58 @@ def test_window_under_xvfb_shows_the_person_box_and_q_quits(tmp_path, person_cli
 
 
 # -- a frozen viewer never slows the pipeline -----------------------------------------------------
+class Reader:
+    """A subscriber that reads everything as fast as it comes, in a thread: (topic, header, parts) kept."""
+
+    def __init__(self, endpoint: str):
+        self.socket = zmq.Context.instance().socket(zmq.SUB)
+        self.socket.setsockopt(zmq.RCVHWM, 1_000_000)
+        self.socket.setsockopt(zmq.SUBSCRIBE, b"")
+        self.socket.connect(endpoint)
+        self.messages: list[tuple[bytes, dict, int]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        while not self.stop.is_set():
+            if self.socket.poll(100):
+                parts = self.socket.recv_multipart()
+                self.messages.append((parts[0], json.loads(parts[1]), len(parts)))
+
+    def close(self, linger_s: float = 2.0) -> None:
+        deadline = time.monotonic() + linger_s  # what is still on its way, then stop
+        while time.monotonic() < deadline and not any(h["type"] == "end" for _t, h, _n in self.messages):
+            time.sleep(0.05)
+        self.stop.set()
+        self.thread.join(5)
+        self.socket.close(0)
+
+
 def _side_by_side(tmp_path: Path, order: list[str], seconds: float = 7) -> dict:
-    """Run the two pipelines at once for `seconds`; returns name -> (summary, CPU seconds used)."""
+    """Two identical pipelines with previews, run at once for `seconds` (both see the same machine load):
+    "frozen" has a subscriber that stops reading after its first preview beside one that keeps reading,
+    "healthy" only the one that keeps reading. Returns name -> (summary, CPU seconds used, what its reader got)."""
     camera = [{"id": "cam1", "url": str(PERSON_CLIP), "loop": True}]
-    engine = {"intra_op_threads": 1}
-    configs = {
-        # a small send queue: the frozen subscriber's is full within a second, so drops really happen
-        "previews": make_config(tmp_path, camera, f"previews-{order[0]}.yaml", engine=engine,
-                                publish={"send_hwm": 50, "preview": {"enabled": True, "max_fps": 15, "width": 640}}),
-        "plain": make_config(tmp_path, camera, f"plain-{order[0]}.yaml", engine=engine),
-    }
+    # a small send queue: the frozen subscriber's is full within a second, so its messages really are dropped
+    publish = {"send_hwm": 50, "preview": {"enabled": True, "max_fps": 15, "width": 640}}
+    # a slow machine drains what is queued at its own speed (seconds); one blocked by the frozen
+    # subscriber never does
+    runtime = {"shutdown_deadline_s": 30}
+    configs = {name: make_config(tmp_path, camera, f"{name}-{order[0]}.yaml", engine={"intra_op_threads": 1},
+                                 publish={**publish, "wait_subscribers": 2 if name == "frozen" else 1}, runtime=runtime)
+               for name in order}
     frozen = zmq.Context.instance().socket(zmq.SUB)
     frozen.setsockopt(zmq.RCVHWM, 4)
+    frozen.setsockopt(zmq.RCVBUF, 1024)  # and the smallest kernel buffer: it is full in seconds, not minutes
     frozen.setsockopt(zmq.SUBSCRIBE, b"")
-    frozen.connect(configs["previews"][1]["publish"]["bind"])
+    frozen.connect(configs["frozen"][1]["publish"]["bind"])
+    readers = {name: Reader(configs[name][1]["publish"]["bind"]) for name in order}
     summaries = {name: tmp_path / f"{name}-{order[0]}.json" for name in order}
     runs = {name: start_cli("--config", str(configs[name][0]), "--summary-json", str(summaries[name])) for name in order}
     try:
         got_preview = False
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 120
         while not got_preview and time.monotonic() < deadline:  # read until a preview came, then freeze
             if frozen.poll(200):
                 got_preview = len(frozen.recv_multipart()) == 3
@@ -257,27 +291,40 @@ def _side_by_side(tmp_path: Path, order: list[str], seconds: float = 7) -> dict:
         for name, process in runs.items():
             _pid, status, usage = os.wait4(process.pid, 0)  # the child's own CPU time, not the machine's
             process.returncode = os.waitstatus_to_exitcode(status)
-            assert process.returncode == 0, f"{name}: {process.stderr.read()[-2000:]}"
+            assert process.returncode == 0, f"{name} did not drain: {process.stderr.read()[-2000:]}"
             process.stderr.close()
             process.stdout.close()
-            out[name] = (json.loads(summaries[name].read_text()), usage.ru_utime + usage.ru_stime)
+            readers[name].close()
+            out[name] = (json.loads(summaries[name].read_text()), usage.ru_utime + usage.ru_stime, readers[name].messages)
         return out
     finally:
         frozen.close(0)
+        for process in runs.values():
+            if process.poll() is None:
+                process.kill()
+        for reader in readers.values():
+            reader.stop.set()
 
 
 def test_frozen_subscriber_with_previews_does_not_slow_the_pipeline(tmp_path, assets_present):
-    """The pipeline with previews and a subscriber that stops reading against one with neither, run side
-    by side (both see the same machine load), twice with the start order swapped."""
-    rounds = [_side_by_side(tmp_path, ["previews", "plain"]), _side_by_side(tmp_path, ["plain", "previews"])]
-    frames = {name: sum(r[name][0]["frames"] for r in rounds) for name in ("previews", "plain")}
-    cpu = {name: sum(r[name][1] for r in rounds) for name in ("previews", "plain")}
-    fps = {name: [r[name][0]["fps"] for r in rounds] for name in ("previews", "plain")}
-    assert all(r["previews"][0]["previews_sent"] >= 7 * 10 for r in rounds)  # previews really went out
+    """A subscriber that stops reading costs the pipeline nothing and the other subscribers nothing: the same
+    pipeline with and without one, side by side, twice with the start order swapped."""
+    rounds = [_side_by_side(tmp_path, ["frozen", "healthy"]), _side_by_side(tmp_path, ["healthy", "frozen"])]
+    frames = {name: sum(r[name][0]["frames"] for r in rounds) for name in ("frozen", "healthy")}
+    cpu = {name: sum(r[name][1] for r in rounds) for name in ("frozen", "healthy")}
     per_cpu = {name: frames[name] / cpu[name] for name in frames}
-    print(f"fps {fps}; frames per CPU second {per_cpu}")
-    # the cost: frames per CPU second, within 5% (wall fps of two processes on a busy 2-core machine
-    # varies by up to ~20% from run to run; CPU time does not)
-    assert per_cpu["previews"] >= 0.95 * per_cpu["plain"], (per_cpu, fps)
-    # and nothing waited on the subscriber: a publisher blocked by it stalls (fps near 0, no clean exit)
-    assert sum(fps["previews"]) >= 0.8 * sum(fps["plain"]), fps
+    print(f"frames {frames}; frames per CPU second {per_cpu}")
+    for r in rounds:
+        summary, _cpu, got = r["frozen"]
+        assert summary["previews_sent"] >= 10, summary  # previews really went out, while the subscriber was frozen
+        # the subscriber that kept reading lost nothing to the frozen one: every detection, in order, and the end
+        seqs = [h["seq"] for _t, h, _n in got if h["type"] == "detections"]
+        assert seqs == list(range(summary["frames"])), (len(seqs), summary["frames"])
+        assert sum(n == 3 for _t, _h, n in got) >= 10 and got[-1][1]["type"] == "end"
+    # the cost: frames per CPU second, within 10% (CPU time does not depend on how busy the machine is;
+    # a publisher that retried sends to the frozen subscriber would burn it)
+    assert per_cpu["frozen"] >= 0.9 * per_cpu["healthy"], per_cpu
+    # and nothing waited on the frozen subscriber: a publisher blocked by it stalls once its queue of 50 is
+    # full (about a third of the frames of the healthy one); two processes sharing a busy machine differ by
+    # up to ~20% in wall-clock throughput
+    assert frames["frozen"] >= 0.65 * frames["healthy"], frames
