@@ -88,7 +88,7 @@ def main() -> int:
         # the load benchmark's own defaults (torch fp16 + graphs, 3 lanes, batch <= 32), on this model
         options = build_load_parser().parse_args([
             "--model", str(model), "--preset", "yolov8", "--labels", "", "--letterbox", letterbox,
-            "--workers", str(workers), "--warmup", str(args.warmup), "--duration", str(args.duration),
+            "--workers", str(workers), "--warmup", str(args.warmup), "--duration", str(args.duration), "--windows", "1",
             "--startup-timeout", "120"])
         result = measure(clips, args.streams, decoder, options, work, live=False)
         return {"fps_total": result.get("fps_total"), "fps_per_stream": result.get("fps_stream_mean"),
