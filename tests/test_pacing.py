@@ -3,6 +3,7 @@ uses it: packets are paced to their timestamps, the file loops by seeking (frame
 timestamps start over), and capture time is when each frame was due, so latency stays honest.
 """
 
+import json
 import time
 from fractions import Fraction
 
@@ -40,7 +41,8 @@ def test_a_paced_looping_file_plays_like_a_camera(tmp_path):
     path, config = make_config(tmp_path, [{"id": "cam", "url": str(clip), "live": True, "realtime": True, "loop": True}],
                                runtime={"shutdown_deadline_s": 60})
     subscriber = Subscriber(config["publish"]["bind"], [b"det/cam/"])
-    process = start_cli("--config", str(path))
+    summary_path = tmp_path / "summary.json"
+    process = start_cli("--config", str(path), "--summary-json", str(summary_path))
     try:
         first = subscriber.collect(lambda ms: len(ms) >= 1, timeout=60)
         started = time.monotonic()
@@ -51,10 +53,15 @@ def test_a_paced_looping_file_plays_like_a_camera(tmp_path):
         process.terminate()
         _out, err = process.communicate(timeout=60)
         subscriber.close()
-    assert first, err[-2000:]
+    assert first and process.returncode == 0, err[-2000:]
     frames = [m for _, m in messages if m["type"] == "detections"]
     indices = [m["frame"] for m in frames]
-    assert indices == list(range(len(indices))), f"frame numbers go on across loops, none lost (at {fps} fps): {indices}"
+    # frame numbers go on across loops (never start over) and nothing is lost silently: a live camera
+    # keeps its 2 newest frames, so a moment of a busy machine may drop one, but every gap is counted
+    assert indices == sorted(set(indices)) and indices[-1] >= 2 * fps, f"frame numbers (at {fps} fps): {indices}"
+    missing = sorted(set(range(indices[-1] + 1)) - set(indices))
+    drops = json.loads(summary_path.read_text())["cameras"]["cam"]["drops"]
+    assert len(missing) <= drops.get("queue_full", 0), f"frames {missing} lost without a counted drop: {drops}"
     received = len(frames) - 1  # the first one arrived before the window
     assert 0.85 * fps * window <= received <= 1.15 * fps * window + 2, f"{received} frames in {window:.1f} s at {fps} fps: not paced"
     pts = [m["pts"] for m in frames]
