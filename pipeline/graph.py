@@ -21,7 +21,7 @@ from engines import DeviceEngine, create_engine, require_engine
 from pipeline.buffers import HostSlotPool
 from pipeline.config import Config
 from pipeline.metrics import StatusReporter
-from pipeline.model import check_classes, prepare_model, read_labels
+from pipeline.model import check_classes, labels_for, prepare_model, read_labels
 from pipeline.queues import BoundedQueue, Credits, FanIn
 from stages.batch import BatchStage
 from stages.infer import InferStage, LaneInferStage
@@ -40,8 +40,9 @@ class Pipeline:
         cv2.setNumThreads(config.runtime.opencv_threads)
         probe_files(config.cameras)  # an unreadable file is a config mistake: fail before loading anything
         require_engine(config.engine.kind)
+        names = read_labels(config.model.labels)
         model = prepare_model(config.model.path, config.model.preset, config.engine.max_batch)
-        self.labels = read_labels(config.model.labels, model.num_classes)
+        self.labels = labels_for(names, model.num_classes, config.model.labels)
         check_classes(config.model.classes, model.num_classes)
         self.engine = create_engine(config.engine, model)
         self.model = model

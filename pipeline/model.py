@@ -266,15 +266,24 @@ def _check_batch_equivalence(onnx_bytes: bytes, input_name: str, hw: tuple[int, 
     return True
 
 
-def read_labels(path: Path | None, num_classes: int) -> list[str]:
+def read_labels(path: Path | None) -> list[str] | None:
+    """Class names from a labels file (None without one); read before the model, so that an
+    unreadable file is reported in a moment."""
     if path is None:
-        return [str(i) for i in range(num_classes)]
+        return None
     try:
         names = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     except OSError as exc:
         raise ModelError(f"model.labels: {path}: cannot read labels file ({exc.strerror or exc})") from None
     except UnicodeDecodeError as exc:
         raise ModelError(f"model.labels: {path}: not UTF-8 text (byte {exc.start}); save it as UTF-8, one name a line") from None
+    return names
+
+
+def labels_for(names: list[str] | None, num_classes: int, path: Path | None) -> list[str]:
+    """One name per class the model predicts (class ids as names without a labels file)."""
+    if names is None:
+        return [str(i) for i in range(num_classes)]
     if len(names) != num_classes:
         raise ModelError(f"model.labels: {path}: has {len(names)} names but the model predicts {num_classes} classes")
     return names
