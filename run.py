@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override runtime.log_level")
     run.add_argument("--summary-json", metavar="PATH", type=_output_file,
                      help="write final statistics (frames, fps, per-stage latency, drops) as JSON")
-    run.add_argument("--check", action="store_true", help="validate the config, load the model and bind the publisher, then exit")
+    run.add_argument("--check", action="store_true", help="validate the config, open every video file, load the model and bind the publisher, then exit")
     run.add_argument("--worker", metavar="I/N", type=_worker, help=argparse.SUPPRESS)  # set by the supervisor (runtime.workers)
     run.add_argument("--publish-connect", metavar="ENDPOINT", help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
