@@ -48,6 +48,13 @@ def file_camera(tmp_path: Path, name: str, data: bytes, **sections) -> list[str]
     return config(tmp_path, [{"id": "lobby", "url": str(bad)}], **sections)
 
 
+def relative_path_no_suffix(tmp_path: Path) -> list[str]:
+    """A config saved without a suffix: its relative paths are still taken from its own folder."""
+    (tmp_path / "site").mkdir()
+    return raw_config(tmp_path, f"cameras:\n  - id: a\n    url: missing.mp4\nmodel: {{path: {MODEL}, preset: yolox}}\n",
+                      name="site/camera")
+
+
 def audio_only(tmp_path: Path) -> Path:
     """A real media file with an audio stream and no video (PyAV)."""
     path = tmp_path / "audio.mp4"
@@ -180,9 +187,7 @@ ROWS = [
     Row("env-unset", lambda t: camera(t, "rtsp://${CAM_USER_NOT_SET}@127.0.0.1/x"), 2, ("cameras[0].url", "CAM_USER_NOT_SET")),
     Row("camera-id-twice", lambda t: config(t, [{"id": "a", "url": str(PERSON_CLIP)}, {"id": "a", "url": str(PERSON_CLIP)}]),
         2, ("camera id 'a' is used twice",)),
-    Row("relative-path-no-suffix", lambda t: raw_config(t, f"cameras:\n  - id: a\n    url: missing.mp4\nmodel: {{path: {MODEL}, "
-                                                          "preset: yolox}\n", name="cam.conf"),
-        2, ("cameras[0].url", "missing.mp4", "file not found")),  # the test below checks the folder named
+    Row("relative-path-no-suffix", relative_path_no_suffix, 2, ("cameras[0].url", "site/missing.mp4", "file not found")),
     # sizes, counts and times: each has a bound, and the error says it
     Row("host-slots-1e7", lambda t: config(t, runtime={"host_slots": 10_000_000}), 2, ("runtime.host_slots", "less than or equal to 64")),
     Row("queue-size-1e9", lambda t: config(t, runtime={"queue_size": 10**9}), 2, ("runtime.queue_size", "less than or equal to 256")),
@@ -300,7 +305,7 @@ def test_relative_paths_are_taken_from_the_config_folder_whatever_its_suffix(tmp
     folder = tmp_path / "site"
     folder.mkdir()
     (folder / "clip.mp4").write_bytes(PERSON_CLIP.read_bytes())
-    path = folder / "cam.conf"  # no .yaml suffix; the CLI runs from the project's root, not this folder
+    path = folder / "camera"  # no suffix at all; the CLI runs from the project's root, not this folder
     path.write_text(f"cameras:\n  - id: a\n    url: clip.mp4\nmodel: {{path: {MODEL}, preset: yolox}}\n"
                     f"publish: {{bind: 'tcp://127.0.0.1:{free_port()}'}}\n")
     result = run_cli("--config", str(path), "--check", timeout=TIMEOUT)
