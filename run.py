@@ -4,6 +4,9 @@
     python run.py --config configs/demo.yaml          run the pipeline
     python run.py subscribe --camera demo             print the detections a camera publishes
     python run.py view --camera demo                  watch a camera: preview frames with detections drawn
+
+Exit codes: 0 done; 1 the run failed after it started; 2 something to fix before it can run (the
+config, the model, a video, an argument, the endpoint); 130 a second Ctrl-C (stopped at once).
 """
 
 from __future__ import annotations
@@ -12,12 +15,13 @@ import argparse
 import ctypes
 import json
 import logging
+import math
 import os
 import signal
 import sys
 import threading
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, UsageError
 
 log = logging.getLogger("pipeline")
 
@@ -51,7 +55,7 @@ def cmd_run(args) -> int:
     if args.worker:
         from pipeline.workers import worker_config
 
-        index, count = (int(part) for part in args.worker.split("/"))
+        index, count = args.worker
         worker = index
         config = worker_config(config, index, count)
     _setup_logging(args.log_level or config.runtime.log_level, f"[worker {worker}] " if worker is not None else "")
@@ -80,7 +84,7 @@ def cmd_run(args) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     log.info("running %d camera(s) with %s, batch <= %d, publishing on %s", len(config.cameras),
-             pipeline.engine.name, pipeline.engine.max_batch, config.publish.bind)
+             pipeline.engine.name, pipeline.engine.max_batch, pipeline.endpoint)
     pipeline.start()
     drained = pipeline.wait(stop_requested=stop_requested)
     blocked = pipeline.join_sources(timeout=0.5)
@@ -112,7 +116,11 @@ def cmd_subscribe(args) -> int:
 
     _setup_logging(args.log_level or "info")
     socket = zmq.Context.instance().socket(zmq.SUB)
-    socket.connect(args.connect)
+    try:
+        socket.connect(args.connect)
+    except zmq.ZMQError as exc:
+        socket.close(0)
+        raise UsageError(f"subscribe --connect {args.connect}: {exc.strerror} (expected tcp://HOST:PORT or ipc://PATH)") from None
     topics = [topic_for(args.prefix, c) for c in args.camera] if args.camera else [f"{args.prefix}/".encode()]
     for topic in topics:
         socket.setsockopt(zmq.SUBSCRIBE, topic)
@@ -136,7 +144,8 @@ def cmd_subscribe(args) -> int:
                     labels = ", ".join(f"{d['label']} {d['score']:.2f}" for d in message["detections"])
                     print(f"{camera} frame={message['frame']} lat={message['latency_ms']['total']:.0f}ms [{labels}]", flush=True)
                 else:
-                    print(f"{camera} {message.get('type')}", flush=True)
+                    reason = f" {message['reason']}" if "reason" in message else ""
+                    print(f"{camera} {message.get('type')}{reason}", flush=True)
             else:
                 print(json.dumps(message), flush=True)
     except KeyboardInterrupt:
@@ -153,16 +162,61 @@ def cmd_view(args) -> int:
     return run_viewer(args)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's one-line errors (exit 2), instead of a usage block and a message."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind, low: float, high: float, low_open: bool = False):
+    """An argparse type: a finite int or float in [low, high] ((low, high] with low_open)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if not math.isfinite(value) or value > high or value < low or (low_open and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low:g} and <= {high:g} (got {text})")
+        return value
+    return parse
+
+
+def _worker(text: str) -> tuple[int, int]:
+    """--worker I/N: worker I (from 0) of N."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N (worker I of N, from 0), got {text!r}") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"worker {index} of {count} does not exist (0 <= I < N)")
+    return index, count
+
+
+def _output_file(text: str) -> str:
+    """A file to write at the end of a run: its folder must exist now, not only when the run is over."""
+    folder = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"folder {folder} does not exist")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name")
+    return text
+
+
+DAY_S = 86400.0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = commands.add_parser("run", help="run the pipeline (the default command)")
     run.add_argument("--config", required=True, help="YAML configuration file (see README: Configuration)")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override runtime.log_level")
-    run.add_argument("--summary-json", metavar="PATH", help="write final statistics (frames, fps, per-stage latency, drops) as JSON")
-    run.add_argument("--check", action="store_true", help="validate the config, load the model and bind the publisher, then exit")
-    run.add_argument("--worker", metavar="I/N", help=argparse.SUPPRESS)  # set by the supervisor (runtime.workers)
+    run.add_argument("--summary-json", metavar="PATH", type=_output_file,
+                     help="write final statistics (frames, fps, per-stage latency, drops) as JSON")
+    run.add_argument("--check", action="store_true", help="validate the config, open every video file, load the model and bind the publisher, then exit")
+    run.add_argument("--worker", metavar="I/N", type=_worker, help=argparse.SUPPRESS)  # set by the supervisor (runtime.workers)
     run.add_argument("--publish-connect", metavar="ENDPOINT", help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
 
@@ -170,8 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--connect", default="tcp://127.0.0.1:5555", help="publisher endpoint (default: %(default)s)")
     sub.add_argument("--camera", action="append", help="camera id; repeat for several; default: all cameras")
     sub.add_argument("--prefix", default="det", help="topic prefix (publish.topic_prefix; default: %(default)s)")
-    sub.add_argument("--count", type=int, help="exit after this many messages")
-    sub.add_argument("--timeout", type=float, help="exit 1 when no message arrives for this many seconds")
+    sub.add_argument("--count", type=_number(int, 1, 1e9), help="exit after this many messages")
+    sub.add_argument("--timeout", type=_number(float, 0, DAY_S, low_open=True),
+                     help="exit 1 when no message arrives for this many seconds")
     sub.add_argument("--summary", action="store_true", help="one short line per message instead of the JSON header")
     sub.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     sub.set_defaults(func=cmd_subscribe)
@@ -187,13 +242,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="no windows (implied by --record/--snapshot-dir when DISPLAY is not set)")
     view.add_argument("--record", metavar="FILE.mp4", help="write the annotated frames to a video (.mp4 or .avi); "
                       "with several cameras one file each, FILE-<camera>.mp4")
-    view.add_argument("--record-fps", type=float, default=10.0, help="frame rate of the recording (default: %(default)s)")
+    view.add_argument("--record-fps", type=_number(float, 0, 240, low_open=True), default=10.0,
+                      help="frame rate of the recording (default: %(default)s)")
     view.add_argument("--snapshot-dir", metavar="DIR", help="save annotated frames as DIR/<camera>_<frame>.png")
-    view.add_argument("--snapshot-every", type=float, default=1.0, metavar="SECONDS",
+    view.add_argument("--snapshot-every", type=_number(float, 0, DAY_S), default=1.0, metavar="SECONDS",
                       help="at most one snapshot per camera this often; 0 = every frame shown (default: %(default)s)")
-    view.add_argument("--width", type=int, default=640, help="canvas width when a camera publishes no previews")
+    view.add_argument("--width", type=_number(int, 16, 7680), default=640,
+                      help="canvas width when a camera publishes no previews (16 to 7680)")
     view.add_argument("--exit-on-end", action="store_true", help="exit once every camera has sent its end message")
-    view.add_argument("--duration", type=float, metavar="SECONDS", help="exit after this many seconds")
+    view.add_argument("--duration", type=_number(float, 0, 365 * DAY_S, low_open=True), metavar="SECONDS",
+                      help="exit after this many seconds")
     view.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     view.set_defaults(func=cmd_view)
     return parser

@@ -6,7 +6,20 @@ from engines.base import DeviceEngine, Engine, TensorSpec
 from pipeline.config import EngineConfig
 from pipeline.model import PreparedModel
 
-__all__ = ["DeviceEngine", "Engine", "TensorSpec", "create_engine"]
+__all__ = ["DeviceEngine", "Engine", "TensorSpec", "create_engine", "require_engine"]
+
+
+def require_engine(kind: str) -> None:
+    """Refuse an engine whose libraries are missing before the model is prepared (which takes
+    seconds, minutes for a large model), with one line saying what to install."""
+    if kind == "torch":
+        from engines.torch_engine import import_torch
+
+        import_torch()
+    elif kind == "tensorrt":
+        from engines.tensorrt_engine import import_tensorrt
+
+        import_tensorrt()
 
 
 def create_engine(config: EngineConfig, model: PreparedModel) -> Engine:

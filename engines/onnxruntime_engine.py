@@ -6,7 +6,7 @@ import numpy as np
 
 from engines.base import Engine, TensorSpec
 from pipeline.errors import ModelError
-from pipeline.model import PreparedModel
+from pipeline.model import PreparedModel, ort_message
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(uint8)": np.uint8, "tensor(int64)": np.int64}
 
@@ -36,7 +36,7 @@ class OnnxRuntimeEngine(Engine):
         try:
             self.session = ort.InferenceSession(model.onnx_bytes, options, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            raise ModelError(f"model.path: ONNX Runtime cannot load the model: {str(exc).splitlines()[0][:200]}") from None
+            raise ModelError(f"model.path: ONNX Runtime cannot load the model: {ort_message(exc)}") from None
         self.inputs = [_spec(i) for i in self.session.get_inputs()]
         self.outputs = [_spec(o) for o in self.session.get_outputs()]
         self._input_name = model.input_name

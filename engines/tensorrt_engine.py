@@ -26,7 +26,7 @@ import numpy as np
 
 from engines.base import DeviceEngine, TensorSpec
 from pipeline import cuda
-from pipeline.errors import ModelError, PipelineError
+from pipeline.errors import ConfigError, ModelError, PipelineError
 from pipeline.model import PreparedModel
 
 log = logging.getLogger("pipeline")
@@ -36,8 +36,8 @@ def import_tensorrt():
     try:
         import tensorrt as trt
     except ImportError:
-        raise PipelineError("engine.kind is tensorrt but TensorRT is not installed: install NVIDIA's tensorrt "
-                            "Python package for your CUDA version, or use engine.kind torch or onnxruntime") from None
+        raise ConfigError("engine.kind is tensorrt but TensorRT is not installed: install NVIDIA's tensorrt "
+                          "Python package for your CUDA version, or use engine.kind torch or onnxruntime") from None
     return trt
 
 

@@ -15,7 +15,7 @@ import logging
 import numpy as np
 
 from engines.base import DeviceEngine, TensorSpec
-from pipeline.errors import ModelError
+from pipeline.errors import ConfigError, ModelError
 from pipeline.model import PreparedModel
 
 log = logging.getLogger("pipeline")
@@ -110,17 +110,23 @@ def _bucket(n: int, max_batch: int) -> int:
     return min(size, max_batch)
 
 
+def import_torch():
+    """PyTorch and onnx2torch, or the one line that says to install them."""
+    try:
+        import torch
+        from onnx2torch import convert
+    except ImportError as exc:
+        raise ConfigError(f"engine.kind is torch but {exc.name or 'torch'} is not installed: pip install torch "
+                          "onnx2torch (see requirements-gpu.txt), or use engine.kind onnxruntime") from None
+    return torch, convert
+
+
 class TorchEngine(DeviceEngine):
     name = "torch"
 
     def __init__(self, model: PreparedModel, max_batch: int, fp16: bool = False, cuda_graphs: bool = False, device: int = 0,
                  fp32_first_convs: int = 16):
-        import torch
-
-        try:
-            from onnx2torch import convert
-        except ImportError:
-            raise ModelError("engine.kind torch needs onnx2torch and torch: pip install torch onnx2torch") from None
+        torch, convert = import_torch()
         import onnx
 
         from pipeline import cuda

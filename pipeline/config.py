@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 from typing import Annotated, Literal
 
 import yaml
@@ -20,16 +21,37 @@ from pipeline.errors import ConfigError
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 CAMERA_ID_PATTERN = r"^[A-Za-z0-9_.-]+$"
 
+# URL schemes a camera may use: what the source stage opens and what it treats as live. Anything
+# else (ftp://, a typo) would be retried forever as a "live camera" that never connects.
+LIVE_SCHEMES = ("rtsp", "rtsps", "http", "https")
+
+# Upper bounds. Every size, count and time has one, so that a typo (an extra zero, 1e12) is a config
+# error that names the limit, not an allocation that eats the machine, an overflow deep in a C
+# library or a wait that never ends. They are far above any sensible value.
+MAX_SECONDS = 3600.0  # timeouts, backoffs, intervals: an hour
+MAX_THREADS = 1024  # thread pools (more than any machine has cores)
+MAX_QUEUE = 256  # frames a camera or stage queue holds: 256 x 1080p BGR = 1.6 GB a queue
+MAX_SLOTS = 64  # host slots: each is max_batch letterboxed images
+MAX_BATCH = 256
+MAX_MESSAGES = 1_000_000  # ZeroMQ high-water mark (messages queued per subscriber)
+MAX_CAMERAS = 4096
+MAX_DEVICE = 255  # CUDA device ordinals
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf and nan are refused everywhere: `.inf` would pass `gt=0` and mean "wait forever"
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+Seconds = Annotated[float, Field(gt=0, le=MAX_SECONDS)]
+Threads = Annotated[int, Field(ge=0, le=MAX_THREADS)]
 
 
 class CameraConfig(_Strict):
-    """One video source: a file path or a URL (rtsp://, http(s)://) or a V4L2 device."""
+    """One video source: a file path (or file:// URL), an rtsp(s):// or http(s):// URL, or a V4L2 device."""
 
     id: Annotated[str, Field(pattern=CAMERA_ID_PATTERN, max_length=64)]
-    url: str
+    url: Annotated[str, Field(min_length=1, max_length=4096)]
     loop: bool = False
     realtime: bool = False
     rtsp_transport: Literal["tcp", "udp"] = "tcp"
@@ -38,16 +60,34 @@ class CameraConfig(_Strict):
     # nvdec: decode on the GPU (FFmpeg's CUDA hwaccel through PyAV), frames stay in device memory and
     # are letterboxed there; needs a GPU engine. Streams NVDEC cannot decode fall back to the CPU.
     decoder: Literal["cpu", "nvdec"] = "cpu"
-    open_timeout_s: Annotated[float, Field(gt=0)] = 5.0
-    read_timeout_s: Annotated[float, Field(gt=0)] = 5.0
-    reconnect_base_s: Annotated[float, Field(gt=0)] = 0.5
-    reconnect_cap_s: Annotated[float, Field(gt=0)] = 10.0
-    stall_timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    open_timeout_s: Seconds = 5.0
+    read_timeout_s: Seconds = 5.0
+    reconnect_base_s: Seconds = 0.5
+    reconnect_cap_s: Seconds = 10.0
+    stall_timeout_s: Seconds = 5.0
     live: bool | None = None  # None = decided from the URL (network and devices are live)
+
+    @field_validator("url")
+    @classmethod
+    def _supported_url(cls, url: str) -> str:
+        """A file:// URL becomes the plain path (so it plays as a file); other schemes must be ones we open."""
+        if "://" not in url:
+            return url
+        scheme = url.split("://", 1)[0].lower()
+        if scheme == "file":
+            parts = urlsplit(url)
+            if parts.netloc not in ("", "localhost") or not parts.path:
+                raise ValueError("a file URL is file:///absolute/path (no host)")
+            return unquote(parts.path)
+        if scheme not in LIVE_SCHEMES:
+            shown = scheme if len(scheme) <= 20 else scheme[:20] + "..."
+            raise ValueError(f"unsupported URL scheme {shown!r}: use a file path, file://, "
+                             f"{', '.join(s + '://' for s in LIVE_SCHEMES)} or /dev/videoN")
+        return url
 
     @property
     def is_file(self) -> bool:
-        return ("://" not in self.url or self.url.startswith("file://")) and not self.url.startswith("/dev/video")
+        return "://" not in self.url and not self.url.startswith("/dev/video")
 
     @property
     def is_live(self) -> bool:
@@ -62,31 +102,33 @@ class ModelConfig(_Strict):
     labels: Path | None = None
     conf_threshold: Annotated[float, Field(ge=0, le=1)] = 0.3
     nms_iou: Annotated[float, Field(gt=0, le=1)] = 0.45
-    max_detections: Annotated[int, Field(ge=1)] = 300
-    classes: list[Annotated[int, Field(ge=0)]] | None = None  # keep only these class ids
+    max_detections: Annotated[int, Field(ge=1, le=100_000)] = 300
+    # keep only these class ids; [] would publish nothing at all. Ids the model does not have are
+    # refused once the model is loaded (pipeline.model.check_classes)
+    classes: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] | None = None
 
 
 class EngineConfig(_Strict):
     kind: Literal["onnxruntime", "torch", "tensorrt"] = "onnxruntime"
     # ONNX Runtime threads per lane; lanes x intra_op_threads ~ cores (0 = ONNX Runtime's default: all cores)
-    intra_op_threads: Annotated[int, Field(ge=0)] = 1
-    inter_op_threads: Annotated[int, Field(ge=0)] = 1
+    intra_op_threads: Threads = 1
+    inter_op_threads: Threads = 1
     spin: bool = False  # ONNX Runtime threads busy-wait between runs (faster alone, slower in a pipeline)
-    max_batch: Annotated[int, Field(ge=1, le=256)] = 4
-    batch_timeout_ms: Annotated[float, Field(ge=0)] = 10.0
+    max_batch: Annotated[int, Field(ge=1, le=MAX_BATCH)] = 4
+    batch_timeout_ms: Annotated[float, Field(ge=0, le=MAX_SECONDS * 1000)] = 10.0
     # concurrent inferences: CPU worker threads, or GPU lanes (a CUDA stream + engine context each)
     lanes: Annotated[int, Field(ge=1, le=16)] = 2
     # GPU engines (torch, tensorrt)
-    device: Annotated[int, Field(ge=0)] = 0
+    device: Annotated[int, Field(ge=0, le=MAX_DEVICE)] = 0
     fp16: bool = False
-    fp32_first_convs: Annotated[int, Field(ge=0)] = 16  # torch fp16: keep these first convolutions in fp32
+    fp32_first_convs: Annotated[int, Field(ge=0, le=100_000)] = 16  # torch fp16: keep these first convolutions in fp32
     cuda_graphs: bool = False  # torch only: replay captured CUDA graphs
     # tensorrt only
-    workspace_mb: Annotated[int, Field(ge=16)] = 1024
+    workspace_mb: Annotated[int, Field(ge=16, le=1_048_576)] = 1024  # up to 1 TiB
     plan_cache_dir: Path = Path("cache/tensorrt")
     plugins: list[Path] = []
-    min_batch: Annotated[int, Field(ge=1)] = 1
-    opt_batch: Annotated[int, Field(ge=1)] | None = None
+    min_batch: Annotated[int, Field(ge=1, le=MAX_BATCH)] = 1
+    opt_batch: Annotated[int, Field(ge=1, le=MAX_BATCH)] | None = None
 
     @property
     def on_gpu(self) -> bool:
@@ -105,9 +147,9 @@ class PreviewConfig(_Strict):
 
 class PublishConfig(_Strict):
     bind: str = "tcp://127.0.0.1:5555"
-    send_hwm: Annotated[int, Field(ge=1)] = 1000
-    wait_subscribers: Annotated[int, Field(ge=0)] = 0
-    wait_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    send_hwm: Annotated[int, Field(ge=1, le=MAX_MESSAGES)] = 1000
+    wait_subscribers: Annotated[int, Field(ge=0, le=10_000)] = 0
+    wait_timeout_s: Seconds = 10.0
     topic_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] = "det"
     preview: PreviewConfig = PreviewConfig()
 
@@ -119,27 +161,27 @@ class PublishConfig(_Strict):
 
 
 class RuntimeConfig(_Strict):
-    queue_size: Annotated[int, Field(ge=1)] = 8
-    host_slots: Annotated[int, Field(ge=2)] = 4
-    status_interval_s: Annotated[float, Field(gt=0)] = 5.0
-    shutdown_deadline_s: Annotated[float, Field(gt=0)] = 2.0
+    queue_size: Annotated[int, Field(ge=1, le=MAX_QUEUE)] = 8
+    host_slots: Annotated[int, Field(ge=2, le=MAX_SLOTS)] = 4
+    status_interval_s: Seconds = 5.0
+    shutdown_deadline_s: Seconds = 2.0
     # OpenCV's own thread pool per call: 1 avoids oversubscription when many stage threads call it
-    opencv_threads: Annotated[int, Field(ge=0)] = 1
+    opencv_threads: Threads = 1
     letterbox_threads: Annotated[int, Field(ge=1, le=64)] = 1  # >1 for many large (1080p+) cameras
     # where letterbox runs: "gpu" uploads YUV (or reads NVDEC's frames in place) and letterboxes with
     # one CUDA kernel a frame; "auto" = gpu when a camera decodes with nvdec, else cpu
     letterbox_device: Literal["auto", "cpu", "gpu"] = "auto"
     # with a live camera: batches in flight from batching to the end of inference (latency bound)
-    live_batches_in_flight: Annotated[int, Field(ge=1)] = 1
+    live_batches_in_flight: Annotated[int, Field(ge=1, le=MAX_SLOTS)] = 1
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # >0: cameras dealt round-robin to this many worker processes, each a whole pipeline with its
     # own CUDA context, publishing through one endpoint (pipeline/workers.py); 0 = one process
     workers: Annotated[int, Field(ge=0, le=64)] = 0
-    worker_devices: list[Annotated[int, Field(ge=0)]] = []  # GPU of worker i: worker_devices[i % len]; [] = engine.device
+    worker_devices: Annotated[list[Annotated[int, Field(ge=0, le=MAX_DEVICE)]], Field(max_length=64)] = []  # GPU of worker i: worker_devices[i % len]; [] = engine.device
 
 
 class Config(_Strict):
-    cameras: Annotated[list[CameraConfig], Field(min_length=1)]
+    cameras: Annotated[list[CameraConfig], Field(min_length=1, max_length=MAX_CAMERAS)]
     model: ModelConfig
     engine: EngineConfig = EngineConfig()
     publish: PublishConfig = PublishConfig()
@@ -228,12 +270,14 @@ def _resolve_paths(data: dict, base: Path) -> None:
                 camera["url"] = str((base / url).resolve())
 
 
-def parse_config(data, source: Path | str = "<config>") -> Config:
+def parse_config(data, source: Path | str = "<config>", base: Path | None = None) -> Config:
+    """Validate parsed YAML; relative paths are taken from `base` (the config file's folder; default:
+    the working directory)."""
     source = Path(source)
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
     data = _expand_env(data, "", source)
-    _resolve_paths(data, source.parent if source.suffix else Path.cwd())
+    _resolve_paths(data, Path.cwd() if base is None else base)
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
@@ -260,4 +304,4 @@ def load_config(path: Path | str) -> Config:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{path}: invalid YAML: {where}{problem}") from None
-    return parse_config(data, path)
+    return parse_config(data, path, base=path.parent)

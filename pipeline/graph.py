@@ -14,23 +14,21 @@ import collections
 import logging
 import threading
 import time
-from pathlib import Path
 
 import cv2
 
-from engines import DeviceEngine, create_engine
+from engines import DeviceEngine, create_engine, require_engine
 from pipeline.buffers import HostSlotPool
 from pipeline.config import Config
-from pipeline.errors import ConfigError
 from pipeline.metrics import StatusReporter
-from pipeline.model import prepare_model, read_labels
+from pipeline.model import check_classes, labels_for, prepare_model, read_labels
 from pipeline.queues import BoundedQueue, Credits, FanIn
 from stages.batch import BatchStage
 from stages.infer import InferStage, LaneInferStage
 from stages.letterbox import GpuLetterboxStage, LetterboxStage
 from stages.postprocess import PostprocessStage
-from stages.publish import PreviewGate, PublishStage, bind_publisher, wait_for_subscribers
-from stages.source import SourceStage
+from stages.publish import PreviewGate, PublishStage, bind_publisher, bound_endpoint, wait_for_subscribers
+from stages.source import SourceStage, probe_files
 
 log = logging.getLogger("pipeline")
 
@@ -40,11 +38,12 @@ class Pipeline:
         self.config = config
         self.stop_event = threading.Event()
         cv2.setNumThreads(config.runtime.opencv_threads)
-        for i, camera in enumerate(config.cameras):  # a missing file is a config mistake: fail before loading anything
-            if not camera.is_live and not Path(camera.url).is_file():
-                raise ConfigError(f"cameras[{i}].url: camera {camera.id}: {camera.url}: file not found")
+        probe_files(config.cameras)  # an unreadable file is a config mistake: fail before loading anything
+        require_engine(config.engine.kind)
+        names = read_labels(config.model.labels)
         model = prepare_model(config.model.path, config.model.preset, config.engine.max_batch)
-        self.labels = read_labels(config.model.labels, model.num_classes)
+        self.labels = labels_for(names, model.num_classes, config.model.labels)
+        check_classes(config.model.classes, model.num_classes)
         self.engine = create_engine(config.engine, model)
         self.model = model
         size = config.runtime.queue_size
@@ -66,6 +65,7 @@ class Pipeline:
         else:
             self.pool = HostSlotPool(slots, (self.engine.max_batch, h, w, 3))
         self.socket = bind_publisher(config.publish, connect=publish_connect)
+        self.endpoint = publish_connect or bound_endpoint(self.socket)
 
         self.sources: list[SourceStage] = []
         for camera in config.cameras:
@@ -102,7 +102,8 @@ class Pipeline:
                                             config.model.conf_threshold, config.model.nms_iou, config.model.max_detections,
                                             config.model.classes)
         self.publish = PublishStage(detected, self.socket, self.labels, config.publish.topic_prefix,
-                                    [c.id for c in config.cameras], config.publish.preview, preview_gate_at_publish)
+                                    [c.id for c in config.cameras], config.publish.preview, preview_gate_at_publish,
+                                    self.end_reason)
         self.stages = [*self.sources, self.batch, self.letterbox, self.infer, self.postprocess, self.publish]
         self.status = StatusReporter([s.metrics for s in self.stages], self.publish.metrics)
 
@@ -144,6 +145,17 @@ class Pipeline:
             for s in self.sources
         )
         return f"{self.status.line()} cameras[state/frames/reconnects/drops]: {cameras}"
+
+    def end_reason(self, camera: str) -> str:
+        """Why a camera's stream ended, for its end message: "eof" only when its file was read to
+        the end and every frame went through; "failed" when the run failed (a camera cut off by
+        another's failure is not complete); else "stopped" (a signal)."""
+        source = next(s for s in self.sources if s.camera.id == camera)
+        if source.failure is not None or any(stage.failure is not None for stage in self.stages[len(self.sources):]):
+            return "failed"
+        if source.end_reason == "eof":
+            return "eof"
+        return "failed" if self.failure() is not None else "stopped"
 
     def failure(self) -> BaseException | None:
         for stage in self.stages:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,23 +213,48 @@ def _fold_static_shape_arithmetic(model) -> int:
     return len(folded)
 
 
-def _same_outputs(a: bytes, b: bytes, input_name: str, hw: tuple[int, int]) -> bool:
+def ort_message(exc: BaseException, limit: int = 200) -> str:
+    """ONNX Runtime's error, shortened to what a user can act on: without its status prefix and the
+    C++ source location and signature it puts before the reason."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"\S+\.(?:h|cc|cpp):\d+ [^()]*\([^()]*\)\s*", "", text)
+    return text[:limit]
+
+
+def _check_session(onnx_bytes: bytes, path: Path):
+    """An ONNX Runtime CPU session for the checks below (the graph edits are verified by running them).
+
+    A model ONNX Runtime cannot load (an op it does not know, an opset from the future) cannot be
+    checked, so it is refused here with one line, as the onnxruntime engine would refuse it.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ModelError(f"model.path: {path}: ONNX Runtime cannot load the model ({ort_message(exc)})") from None
+
+
+def _same_outputs(a: bytes, b: bytes, input_name: str, hw: tuple[int, int], path: Path) -> bool:
+    """Does edited graph `b` compute what `a` (the graph as exported) does? `a` must load."""
     images = np.random.default_rng(1).integers(0, 256, (1, hw[0], hw[1], 3), dtype=np.uint8)
-    outputs = [ort.InferenceSession(m, options, providers=["CPUExecutionProvider"]).run(None, {input_name: images})
-               for m in (a, b)]
-    return all(np.allclose(x, y, rtol=1e-4, atol=1e-4) for x, y in zip(*outputs))
+    expected = _check_session(a, path).run(None, {input_name: images})
+    try:
+        got = _check_session(b, path).run(None, {input_name: images})
+    except ModelError:  # the edit broke the graph: not kept
+        return False
+    return all(np.allclose(x, y, rtol=1e-4, atol=1e-4) for x, y in zip(expected, got))
 
 
-def _check_batch_equivalence(onnx_bytes: bytes, input_name: str, hw: tuple[int, int], batch: int = 3) -> bool:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+def _check_batch_equivalence(onnx_bytes: bytes, input_name: str, hw: tuple[int, int], path: Path, batch: int = 3) -> bool:
+    """Does the batch-dynamic edit give, for a batch of N, the N outputs batch 1 gives?"""
+    try:
+        session = _check_session(onnx_bytes, path)
+    except ModelError:  # the edit broke the graph: batch 1 is kept
+        return False
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (batch, hw[0], hw[1], 3), dtype=np.uint8)
     together = session.run(None, {input_name: images})
@@ -240,16 +266,51 @@ def _check_batch_equivalence(onnx_bytes: bytes, input_name: str, hw: tuple[int, 
     return True
 
 
-def read_labels(path: Path | None, num_classes: int) -> list[str]:
+def read_labels(path: Path | None) -> list[str] | None:
+    """Class names from a labels file (None without one); read before the model, so that an
+    unreadable file is reported in a moment."""
     if path is None:
-        return [str(i) for i in range(num_classes)]
+        return None
     try:
         names = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     except OSError as exc:
         raise ModelError(f"model.labels: {path}: cannot read labels file ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ModelError(f"model.labels: {path}: not UTF-8 text (byte {exc.start}); save it as UTF-8, one name a line") from None
+    return names
+
+
+def labels_for(names: list[str] | None, num_classes: int, path: Path | None) -> list[str]:
+    """One name per class the model predicts (class ids as names without a labels file)."""
+    if names is None:
+        return [str(i) for i in range(num_classes)]
     if len(names) != num_classes:
         raise ModelError(f"model.labels: {path}: has {len(names)} names but the model predicts {num_classes} classes")
     return names
+
+
+def check_classes(classes: list[int] | None, num_classes: int) -> None:
+    """`model.classes` may only name classes the model predicts (else every frame comes out empty)."""
+    unknown = sorted({c for c in classes or [] if c >= num_classes})
+    if unknown:
+        raise ModelError(f"model.classes: class id {unknown[0]} is not a class of the model "
+                         f"(it predicts {num_classes} classes: ids 0-{num_classes - 1})")
+
+
+def grid_rows(input_hw: tuple[int, int], strides: tuple[int, ...]) -> int:
+    """Output rows of a grid-decoded (YOLOX) head: one per cell of each stride's grid."""
+    return sum((input_hw[0] // s) * (input_hw[1] // s) for s in strides)
+
+
+def _check_rows(output_dims: list, preset: Preset, input_hw: tuple[int, int], path: Path) -> None:
+    """A YOLOX head's rows are its grid cells: any other count would fail every frame in postprocess."""
+    if preset.layout != "yolox":  # v5/v8 boxes carry their own coordinates: any count decodes
+        return
+    rows, need = output_dims[1], grid_rows(input_hw, preset.strides)
+    if isinstance(rows, int) and rows != need:
+        raise ModelError(f"model.path: {path}: output has {rows} rows but preset {preset.name!r} needs {need} "
+                         f"for a {input_hw[0]}x{input_hw[1]} input (strides {', '.join(map(str, preset.strides))}); "
+                         f"is it a {preset.name} model?")
 
 
 def _num_classes(output_dims: list, layout: str, path: Path) -> int:
@@ -274,23 +335,28 @@ def prepare_model(path: Path, preset_name: str, want_batch: int = 1) -> Prepared
     if len(model.graph.output) < 1:
         raise ModelError(f"model.path: {path}: the model has no outputs")
     num_classes = _num_classes(_dims(model.graph.output[0]), preset.layout, path)
+    _check_rows(_dims(model.graph.output[0]), preset, hw, path)
     batch_dynamic = not isinstance(batch_dim, int)
     if not batch_dynamic and batch_dim != 1:
         raise ModelError(f"model.path: {path}: fixed batch {batch_dim} is not supported; export with batch 1 or a dynamic batch")
     onnx_bytes = model.SerializeToString()
     folded = type(model)()
     folded.CopyFrom(model)
+    loads = False  # ONNX Runtime loaded the graph as exported (the edits are checked against it)
     if _fold_static_shape_arithmetic(folded):
+        loads = True  # _same_outputs raises a ModelError if it does not
         candidate = folded.SerializeToString()
-        if _same_outputs(onnx_bytes, candidate, INPUT_NAME, hw):
+        if _same_outputs(onnx_bytes, candidate, INPUT_NAME, hw, path):
             model, onnx_bytes = folded, candidate
         else:  # never expected: keep the model as exported
             log.warning("model %s: folding static shape arithmetic changed the outputs; not folded", Path(path).name)
     if not batch_dynamic and want_batch > 1:
+        if not loads:  # a model that cannot load at all is the user's problem, not a bad edit
+            _check_session(onnx_bytes, path)
         original = onnx_bytes
         if _make_batch_dynamic(model):
             candidate = model.SerializeToString()
-            if _check_batch_equivalence(candidate, INPUT_NAME, hw):
+            if _check_batch_equivalence(candidate, INPUT_NAME, hw, path):
                 onnx_bytes, batch_dynamic = candidate, True
                 log.info("model %s: made batch-dynamic (checked: batch-N output equals N batch-1 outputs)", Path(path).name)
             else:

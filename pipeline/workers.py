@@ -91,11 +91,16 @@ class Proxy:
 
 
 def run_workers(config: Config, config_path: str, summary_json: str | None, log_level: str | None) -> int:
+    from stages.publish import bound_endpoint
+    from stages.source import probe_files
+
+    probe_files(config.cameras)  # an unreadable file stops the run before any worker starts (exit 2)
     count = min(config.runtime.workers, len(config.cameras))
     folder = tempfile.mkdtemp(prefix="vapipe-")
     internal = internal_endpoint(folder)
     proxy = Proxy(config.publish.bind, internal, config.publish.send_hwm)
     proxy.start()
+    log.info("publishing on %s", bound_endpoint(proxy.front))
     stop_requested = threading.Event()
     processes: list[subprocess.Popen] = []
 

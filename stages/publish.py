@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from typing import Callable
 
 import cv2
 import zmq
@@ -132,6 +133,11 @@ def bind_publisher(config: PublishConfig, context: zmq.Context | None = None, co
     return socket
 
 
+def bound_endpoint(socket: zmq.Socket) -> str:
+    """The endpoint a socket really bound: `tcp://127.0.0.1:*` becomes the port the system chose."""
+    return socket.getsockopt_string(zmq.LAST_ENDPOINT) or "?"
+
+
 def wait_for_subscribers(socket: zmq.Socket, count: int, timeout_s: float) -> int:
     """Block until `count` subscriptions arrived (or the timeout passed); returns how many did."""
     seen = 0
@@ -150,8 +156,11 @@ class PublishStage(Stage):
     name = "publish"
 
     def __init__(self, inbox: BoundedQueue, socket: zmq.Socket, labels: list[str], prefix: str, cameras: list[str],
-                 preview: PreviewConfig | None = None, preview_gate: PreviewGate | None = None):
+                 preview: PreviewConfig | None = None, preview_gate: PreviewGate | None = None,
+                 end_reason: Callable[[str], str] | None = None):
         super().__init__(inbox, None)
+        # camera -> why its stream ended ("eof", "stopped", "failed"), asked when the end messages go out
+        self.end_reason = end_reason or (lambda _camera: "eof")
         self.socket = socket
         self.labels = labels
         self.topics = {camera: topic_for(prefix, camera) for camera in cameras}
@@ -202,8 +211,10 @@ class PublishStage(Stage):
             self.socket.recv()
 
     def flush(self) -> None:
+        # "reason" tells a complete stream ("eof") from one that was stopped or cut off by a failure
         for camera, topic in self.topics.items():
-            self._send(topic, {"schema": SCHEMA, "type": "end", "camera": camera, "seq": self.seq[camera]})
+            self._send(topic, {"schema": SCHEMA, "type": "end", "camera": camera, "seq": self.seq[camera],
+                               "reason": self.end_reason(camera)})
 
     def on_stop(self) -> None:
         self.socket.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import random
 import re
 import threading
@@ -22,7 +23,7 @@ import cv2
 import numpy as np
 
 from pipeline.config import CameraConfig
-from pipeline.errors import SourceError
+from pipeline.errors import ConfigError, SourceError
 from pipeline.queues import BoundedQueue
 from pipeline.record import Frame
 from pipeline.stage import Stage
@@ -77,12 +78,44 @@ def _classify(exc: BaseException) -> str:
     return names.get(type(exc).__name__, type(exc).__name__)
 
 
+# a file that yields fewer frames than its container declares by more than this fraction is
+# reported (truncated, or a hole in its data): FFmpeg itself often ends such files without an error
+MISSING_FRAMES_WARN_FRACTION = 0.02
+
+
+def probe_files(cameras: list[CameraConfig]) -> None:
+    """Open every file camera and decode its first frame before anything starts.
+
+    A file that cannot be played is the user's to fix (exit 2, one line, `--check` too), and
+    finding it mid-run would cut the other cameras off. Live cameras are not probed: they may
+    come up later, and reconnecting is their normal life.
+    """
+    for i, camera in enumerate(cameras):
+        if not camera.is_file:
+            continue
+        where = f"cameras[{i}].url: camera {camera.id}: {camera.url}"
+        if not os.path.isfile(camera.url):
+            raise ConfigError(f"{where}: file not found")
+        if os.path.getsize(camera.url) == 0:
+            raise ConfigError(f"{where}: the file is empty (0 bytes)")
+        try:
+            with av.open(camera.url) as container:
+                if not container.streams.video:
+                    kinds = sorted({s.type for s in container.streams}) or ["no streams"]
+                    raise ConfigError(f"{where}: no video stream (the file has {', '.join(kinds)})")
+                if next(container.decode(video=0), None) is None:
+                    raise ConfigError(f"{where}: no frame could be decoded")
+        except (av.error.FFmpegError, OSError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise ConfigError(f"{where}: cannot be read as a video ({reason})") from None
+
+
 def _open_arguments(camera: CameraConfig) -> dict:
     """Keyword arguments for `av.open`: transport, timeouts (so nothing can hang) and format."""
     url = camera.url
-    if url.startswith("/dev/video") or url.startswith("v4l2://"):
+    if url.startswith("/dev/video"):
         return {"format": "v4l2", "timeout": (camera.open_timeout_s, _read_timeout(camera))}
-    if "://" not in url or url.startswith("file://"):
+    if camera.is_file:
         return {}
     # FFmpeg's socket I/O timeout, in MICROseconds ("stimeout" is silently ignored by FFmpeg 8).
     # A frozen RTSP server raises TimeoutError after about TWICE this value (measured), so it is
@@ -122,6 +155,13 @@ class SourceStage(Stage):
         self.retry_in_s = 0.0
         self.safe_url = redact(camera.url)
         self._logged_class: str | None = None
+        # why the camera ended: "eof" (a file read to its end), "stopped" (the run was stopped) or
+        # "failed" (it could not be read); the end message tells subscribers
+        self.end_reason: str | None = None
+        self.frames_declared: int | None = None  # by the file's container (per pass), when it says
+        self.frames_missing = 0  # declared frames that never came out of the decoder (all passes)
+        self._missing_warned = False
+        self._next_pass_due: float | None = None  # a paced loop: when the next pass's first packet is due
 
     # A source has no inbox: its loop is the decoder.
     def loop(self) -> None:
@@ -135,6 +175,7 @@ class SourceStage(Stage):
             except SourceError as exc:
                 if not self.camera.is_live:
                     self.state = SourceState.FAILED
+                    self.end_reason = "failed"
                     raise
                 self.failed_attempts += 1
                 failures += 1
@@ -152,6 +193,7 @@ class SourceStage(Stage):
             if self.camera.loop and self.camera.is_file and self.next_index > frames_before:
                 continue  # a looped file (live or not) starts over at once
             if not self.camera.is_live:
+                self.end_reason = "eof"
                 break
             # a live stream that ended, stalled or failed is a disconnect
             if self.next_index > frames_before:
@@ -161,6 +203,8 @@ class SourceStage(Stage):
             self._note_error(ended, f"camera {self.camera.id}: {self.safe_url}: {ended}; reconnecting", failures)
             self._backoff(failures)
         self.state = SourceState.ENDED
+        if self.end_reason is None:
+            self.end_reason = "stopped"
 
     def _note_error(self, error_class: str, message: str, failures: int) -> None:
         """One line per class of failure until frames flow again: a dead camera never floods the log."""
@@ -216,6 +260,8 @@ class SourceStage(Stage):
         """Emit frames until the stream ends, stalls, fails or the run stops; say which."""
         stream = container.streams.video[0]
         self._pace_start = None  # (wall clock, pts) at the first paced packet
+        self._next_pass_due = None
+        last_paced: tuple[float, float] | None = None  # (seconds, duration) of the last paced packet
         paced = self.camera.realtime and self.camera.is_file
         packets = container.demux(stream)
         last_frame = time.monotonic()
@@ -225,6 +271,7 @@ class SourceStage(Stage):
             try:
                 packet = next(packets)
             except StopIteration:
+                self._end_of_pass(stream, self.next_index - pass_start)
                 if self.camera.loop and self.camera.is_file and self.next_index > pass_start:
                     # loop by seeking: reopening would also rebuild the decoder (NVDEC: a new
                     # device context, hundreds of ms, for every camera at once)
@@ -233,17 +280,22 @@ class SourceStage(Stage):
                     except av.error.FFmpegError:
                         return "stream ended"  # not seekable: the caller reopens it
                     packets = container.demux(stream)
+                    if last_paced is not None:  # the next pass starts one frame after this one's last
+                        self._next_pass_due = self._due(last_paced[0]) + last_paced[1]
                     self._pace_start = None
                     pass_start = self.next_index
                     continue
                 return "stream ended"
             except av.error.FFmpegError as exc:
                 # a damaged container or a dropped/frozen connection: what was decoded stays published
+                self._end_of_pass(stream, self.next_index - pass_start)
                 return f"read failed ({_classify(exc)})"
             stamp = packet.dts if packet.dts is not None else packet.pts
             if paced and stamp is not None and packet.time_base is not None:
                 # a file played as a camera: each packet arrives at its own (decode) time, before it is decoded
-                due = self._due(float(stamp * packet.time_base))
+                seconds = float(stamp * packet.time_base)
+                last_paced = (seconds, self._frame_duration(packet, stream))
+                due = self._due(seconds)
                 wait = due - time.time()
                 if wait > 0:
                     self.stop_event.wait(wait)
@@ -291,10 +343,38 @@ class SourceStage(Stage):
         return "stopped"
 
     def _due(self, pts: float) -> float:
-        """Wall-clock time at which a paced file's timestamp `pts` is due (the first one: now)."""
+        """Wall-clock time at which a paced file's timestamp `pts` is due (the first one: now, or,
+        in a loop, one frame after the previous pass's last)."""
         if self._pace_start is None:
-            self._pace_start = (time.time(), pts)
+            self._pace_start = (self._next_pass_due or time.time(), pts)
         return self._pace_start[0] + (pts - self._pace_start[1])
+
+    @staticmethod
+    def _frame_duration(packet, stream) -> float:
+        """How long a packet's frame is shown; a single-frame file loops at this pace."""
+        if packet.duration and packet.time_base is not None:
+            return float(packet.duration * packet.time_base)
+        rate = stream.average_rate or stream.guessed_rate
+        return 1.0 / float(rate) if rate else 0.04
+
+    def _end_of_pass(self, stream, decoded: int) -> None:
+        """Compare the frames one pass over a file gave with what its container declares.
+
+        A truncated file or one with a hole in its data often just ends early, without an error
+        from FFmpeg: without this, the loss would go unnoticed.
+        """
+        declared = stream.frames
+        if not self.camera.is_file or not declared or self.stop_event.is_set():
+            return
+        self.frames_declared = declared
+        missing = declared - decoded
+        if missing <= 0:
+            return
+        self.frames_missing += missing
+        if missing > declared * MISSING_FRAMES_WARN_FRACTION and not self._missing_warned:
+            self._missing_warned = True  # a looped file would say it again every pass
+            log.warning("camera %s: %s: read %d of the %d frames the file declares, %d missing "
+                        "(truncated or damaged file)", self.camera.id, self.safe_url, decoded, declared, missing)
 
     def emit(self, frame: Frame) -> None:
         accepted = self.metrics.items_out
@@ -310,6 +390,9 @@ class SourceStage(Stage):
             "attempts": self.attempts,
             "failed_attempts": self.failed_attempts,
             "frames": self.next_index,
+            "frames_declared": self.frames_declared,
+            "frames_missing": self.frames_missing,
+            "end_reason": self.end_reason,
             "retry_in_s": self.retry_in_s if self.state is SourceState.RECONNECTING else None,
             "last_error": self.last_error,
             **self.metrics.snapshot(),

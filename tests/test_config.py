@@ -35,6 +35,9 @@ def test_env_interpolation_with_default(monkeypatch):
     ({"model": {"path": "m", "preset": "yolov9"}}, "model.preset: Input should be"),
     ({"engine": {"max_batch": 0}}, "engine.max_batch: Input should be greater than or equal to 1"),
     ({"cameras": [{"id": "a", "url": "x", "rtsp_transport": "http"}]}, "cameras[0].rtsp_transport"),
+    ({"cameras": [{"id": "a", "url": "ftp://h/x.mp4"}]}, "cameras[0].url: Value error, unsupported URL scheme 'ftp'"),
+    ({"runtime": {"host_slots": 10**7}}, "runtime.host_slots: Input should be less than or equal to 64"),
+    ({"model": {"path": "m", "preset": "yolox", "classes": []}}, "model.classes: List should have at least 1 item"),
 ])
 def test_mistakes_name_the_key(change, message):
     with pytest.raises(ConfigError) as error:
@@ -42,6 +45,12 @@ def test_mistakes_name_the_key(change, message):
     assert str(error.value).startswith("cfg.yaml: ")
     assert message in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_a_file_url_is_a_file_path():
+    config = parse_config({**BASE, "cameras": [{"id": "a", "url": "file:///videos/my%20clip.mp4"}]}, "cfg.yaml")
+    assert config.cameras[0].url == "/videos/my clip.mp4"
+    assert config.cameras[0].is_file and not config.cameras[0].is_live
 
 
 def test_top_level_must_be_a_mapping():

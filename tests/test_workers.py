@@ -6,7 +6,10 @@ different workers, a failing worker stops the run with a non-zero exit that name
 signal drains every worker.
 """
 
+import os
+import re
 import signal
+import threading
 import time
 
 from conftest import PERSON_CLIP, SHORT_FRAMES, Subscriber, make_config, run_cli, start_cli
@@ -49,17 +52,36 @@ def test_cameras_spread_over_workers_arrive_in_order_on_one_endpoint(tmp_path, s
 
 
 def test_a_failing_worker_stops_the_run_and_is_named(tmp_path):
-    broken = tmp_path / "broken.mp4"
-    broken.write_bytes(b"\x00not a video\x00" * 5000)
-    cameras = [{"id": "good", "url": str(PERSON_CLIP), "loop": True}, {"id": "bad", "url": str(broken)}]
-    path, _ = make_config(tmp_path, cameras, engine={"lanes": 1}, runtime={"workers": 2})
-    started = time.monotonic()
-    result = run_cli("--config", str(path), timeout=120)
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    assert "worker 1 (cameras bad) exited with" in result.stderr, result.stderr
-    assert "broken.mp4" in result.stderr
+    """A worker that dies mid-run (killed, as the OOM killer would) stops the others; the run exits
+    non-zero naming it, and the cameras cut off get no ordinary ("eof") end. An unreadable file
+    cannot be the cause any more: files are probed before any worker starts (test_bad_input_table)."""
+    cameras = [{"id": "good", "url": str(PERSON_CLIP), "loop": True}, {"id": "doomed", "url": str(PERSON_CLIP), "loop": True}]
+    path, config = make_config(tmp_path, cameras, engine={"lanes": 1}, runtime={"workers": 2})
+    subscriber = Subscriber(config["publish"]["bind"], [b"det/"])
+    process = start_cli("--config", str(path))
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True)
+    reader.start()
+    try:
+        # both workers publish, then worker 1 (camera doomed) is killed
+        subscriber.collect(lambda ms: {m["camera"] for _, m in ms} == {"good", "doomed"}, timeout=180)
+        pid = next(int(m.group(1)) for m in (re.search(r"worker 1/2 \(pid (\d+)", line) for line in list(lines)) if m)
+        started = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        returncode = process.wait(120)
+        messages = subscriber.collect(lambda ms: False, timeout=2)  # what the worker sent before it exited
+    finally:
+        process.kill()
+        subscriber.close()
+    reader.join(10)
+    err = "".join(lines)
+    assert returncode != 0, err
+    assert "Traceback" not in err
+    assert "worker 1 (cameras doomed) exited with -9" in err, err
     assert time.monotonic() - started < 100  # the looping camera's worker was stopped, not waited for
+    # worker 0 drains and says why camera good ended (or, past its shutdown deadline, says nothing)
+    ends = [m for _, m in messages if m["type"] == "end"]
+    assert {m["camera"] for m in ends} <= {"good"} and all(m["reason"] != "eof" for m in ends), ends
 
 
 def test_sigterm_drains_every_worker(tmp_path):

@@ -83,6 +83,11 @@ class RecordOutput:
     """A video file per camera (`out.mp4`, or `out-<camera>.mp4` when several cameras may come)."""
 
     def __init__(self, path: Path, fps: float, single_camera: bool):
+        # checked now: the first frame may come much later, and the writer's own failure says little
+        if path.suffix.lower() not in (".mp4", ".avi"):
+            raise ViewerError(f"--record {path}: use a .mp4 or .avi file name")
+        if not path.parent.is_dir():
+            raise ViewerError(f"--record {path}: folder {path.parent} does not exist")
         self.path, self.fps, self.single = path, fps, single_camera
         self.writers: dict[str, tuple[cv2.VideoWriter, tuple[int, int]]] = {}
         self.frames = 0
@@ -119,7 +124,10 @@ class SnapshotOutput:
 
     def __init__(self, folder: Path, every_s: float):
         self.folder, self.every_s = folder, every_s
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a regular file in the way, no permission
+            raise ViewerError(f"--snapshot-dir {folder}: cannot create the folder ({exc.strerror or exc})") from None
         self.last: dict[str, float] = {}
         self.force = False
 
