@@ -82,6 +82,8 @@ class Pipeline:
         detected = BoundedQueue(size * max(1, self.engine.max_batch), name="detected")
         # live frames must not queue between stages: they wait in the camera queues (newest kept)
         credits = Credits(config.runtime.live_batches_in_flight) if any(c.is_live for c in config.cameras) else None
+        self.credits = credits
+        self.queues = [batched, boxed, inferred, detected]
         self.batch = BatchStage(FanIn([s.outbox for s in self.sources]), batched, self.engine.max_batch,
                                 config.engine.batch_timeout_ms / 1000.0, credits)
         previews = config.publish.preview.enabled  # previews need the decoded image until publish
@@ -126,6 +128,16 @@ class Pipeline:
         for source in self.sources:
             source.outbox.close()
 
+    def abort(self) -> None:
+        """The shutdown deadline passed: end every wait (slots, credits, queues) so that no stage
+        thread stays blocked; what is still in flight is lost, and the run exits non-zero."""
+        self.stop()
+        self.pool.close()
+        if self.credits is not None:
+            self.credits.close()
+        for queue in self.queues:
+            queue.close()
+
     @property
     def finished(self) -> bool:
         # the sources are not waited for: once their queues are closed and drained, the graph is done
@@ -154,8 +166,8 @@ class Pipeline:
     def wait(self, stop_requested: threading.Event | None = None) -> bool:
         """Run until every stage has finished, printing status; True when all stopped in time.
 
-        Once `stop_requested` is set (a signal), sources stop and the rest has
-        `runtime.shutdown_deadline_s` to drain.
+        Once `stop_requested` is set (a signal) or a stage has failed, sources stop and the rest
+        has `runtime.shutdown_deadline_s` to drain; past it every wait is ended and False returned.
         """
         interval = self.config.runtime.status_interval_s
         next_status = time.monotonic() + interval
@@ -163,13 +175,15 @@ class Pipeline:
         while not self.finished:
             time.sleep(0.05)
             now = time.monotonic()
-            if self.failure() is not None and not self.stop_event.is_set():
-                self.stop()  # one stage failed for good: wind the rest down
-            if stop_requested is not None and stop_requested.is_set() and stop_deadline is None:
+            failed = self.failure() is not None  # a stage failed for good (it logged why): wind the rest down
+            if stop_deadline is None and (failed or stop_requested is not None and stop_requested.is_set()):
                 self.stop()
                 stop_deadline = now + self.config.runtime.shutdown_deadline_s
             if stop_deadline is not None and now > stop_deadline:
-                self.pool.close()
+                log.error("shutdown deadline (%.1f s) passed with stage(s) %s still running; what they hold is lost",
+                          self.config.runtime.shutdown_deadline_s,
+                          ", ".join(s.name for s in self.stages[len(self.sources):] if s.alive))
+                self.abort()
                 return False
             if now >= next_status:
                 log.info("%s", self.status_line())

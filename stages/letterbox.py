@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline.buffers import HostSlotPool
 from pipeline.model import Preset
-from pipeline.queues import BoundedQueue
+from pipeline.queues import Aborted, BoundedQueue
 from pipeline.record import FrameBatch, Letterbox
 from pipeline.stage import Stage
 
@@ -66,8 +66,10 @@ class _SlotFillingStage(Stage):
         waiting_since = time.perf_counter()
         while slot is None:
             slot = self.pool.acquire(timeout=0.5)
-            if slot is None and self.outbox.closed:
-                raise RuntimeError("batch slot pool closed")
+            # a closed pool returns at once: stop instead of spinning (torn down, or inference stopped)
+            if slot is None and (self.pool.closed or self.outbox.closed):
+                self.metrics.drop("stopped", len(batch))
+                raise Aborted("batch slot pool closed")
         self._waited += time.perf_counter() - waiting_since
         batch.slot = slot
         return slot

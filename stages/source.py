@@ -23,7 +23,7 @@ import numpy as np
 
 from pipeline.config import CameraConfig
 from pipeline.errors import SourceError
-from pipeline.queues import BoundedQueue
+from pipeline.queues import Aborted, BoundedQueue
 from pipeline.record import Frame
 from pipeline.stage import Stage
 
@@ -147,7 +147,7 @@ class SourceStage(Stage):
                 ended = self._decode(container)
             finally:
                 container.close()
-            if self.stop_event.is_set():
+            if self.stop_event.is_set() or self.outbox.closed:
                 break
             if self.camera.loop and self.camera.is_file and self.next_index > frames_before:
                 continue  # a looped file (live or not) starts over at once
@@ -286,6 +286,8 @@ class SourceStage(Stage):
                 self.metrics.record_latency(time.perf_counter() - started)
                 frame.mark("source")
                 self.emit(frame)
+                if self.outbox.closed:  # the run is stopping (the pipeline closed this camera's queue)
+                    return "stopped"
                 self._on_frames_flowing()
                 started = time.perf_counter()  # the next frame's cost starts after this one left
         return "stopped"
@@ -297,10 +299,10 @@ class SourceStage(Stage):
         return self._pace_start[0] + (pts - self._pace_start[1])
 
     def emit(self, frame: Frame) -> None:
-        accepted = self.metrics.items_out
-        super().emit(frame)
-        if self.metrics.items_out == accepted:  # refused by a queue closed for shutdown: still counted
-            self.metrics.drop("stopped")
+        try:
+            super().emit(frame)
+        except Aborted:
+            pass  # refused by a queue closed for shutdown: counted as `stopped`; the decode loop ends
 
     def snapshot(self) -> dict:
         """Per-camera statistics: state, reconnects, frames, drops (by reason) and retry state."""
