@@ -215,7 +215,7 @@ class SourceStage(Stage):
     def _decode(self, container) -> str:
         """Emit frames until the stream ends, stalls, fails or the run stops; say which."""
         stream = container.streams.video[0]
-        self._pace_start = None  # (wall clock, pts) at the first paced packet
+        self._pace_start = None  # (monotonic clock, pts) at the first paced packet
         paced = self.camera.realtime and self.camera.is_file
         packets = container.demux(stream)
         last_frame = time.monotonic()
@@ -244,7 +244,7 @@ class SourceStage(Stage):
             if paced and stamp is not None and packet.time_base is not None:
                 # a file played as a camera: each packet arrives at its own (decode) time, before it is decoded
                 due = self._due(float(stamp * packet.time_base))
-                wait = due - time.time()
+                wait = due - time.monotonic()
                 if wait > 0:
                     self.stop_event.wait(wait)
             started = time.perf_counter()
@@ -266,8 +266,9 @@ class SourceStage(Stage):
                     return "stopped"
                 pts = float(av_frame.time) if av_frame.time is not None else None
                 # a paced file's frame was "captured" when its packet was due: decode time counts as latency
-                now = time.time()
-                captured = min(self._due(pts), now) if paced and pts is not None else now
+                now = time.time()  # capture time is wall clock (messages carry it); pacing is monotonic
+                late = time.monotonic() - self._due(pts) if paced and pts is not None else 0.0
+                captured = now - max(0.0, late)
                 if self.keep_video:
                     image, video = None, av_frame
                 else:
@@ -293,9 +294,10 @@ class SourceStage(Stage):
         return "stopped"
 
     def _due(self, pts: float) -> float:
-        """Wall-clock time at which a paced file's timestamp `pts` is due (the first one: now)."""
+        """Monotonic time at which a paced file's timestamp `pts` is due (the first one: now). Not the
+        wall clock: an NTP step would freeze the camera (backwards) or burst it (forwards)."""
         if self._pace_start is None:
-            self._pace_start = (time.time(), pts)
+            self._pace_start = (time.monotonic(), pts)
         return self._pace_start[0] + (pts - self._pace_start[1])
 
     def emit(self, frame: Frame) -> None:
