@@ -43,6 +43,10 @@ class Pipeline:
         for i, camera in enumerate(config.cameras):  # a missing file is a config mistake: fail before loading anything
             if not camera.is_live and not Path(camera.url).is_file():
                 raise ConfigError(f"cameras[{i}].url: camera {camera.id}: {camera.url}: file not found")
+        if config.engine.on_gpu:
+            from pipeline.cuda import set_device
+
+            set_device(config.engine.device)  # this thread allocates pinned and device memory: on that device
         model = prepare_model(config.model.path, config.model.preset, config.engine.max_batch)
         self.labels = read_labels(config.model.labels, model.num_classes)
         self.engine = create_engine(config.engine, model)
@@ -97,7 +101,7 @@ class Pipeline:
             preview_gate_at_publish = preview_gate
         if self.pinned is not None:
             self.timeline = collections.deque(maxlen=4096)  # recent batches' CUDA-event timings
-            self.infer = LaneInferStage(boxed, inferred, self.lanes, self.pool, self.timeline)
+            self.infer = LaneInferStage(boxed, inferred, self.lanes, self.pool, self.timeline, device=config.engine.device)
         else:
             self.infer = InferStage(boxed, inferred, self.engine, self.pool, lanes=config.engine.lanes)
         self.postprocess = PostprocessStage(inferred, detected, model.preset.layout, model.input_hw, model.preset.strides,
@@ -195,6 +199,9 @@ class Pipeline:
         if not self.finished:
             return  # a stage is still running (shutdown deadline passed): leave its memory alone
         if self.pinned is not None:
+            from pipeline.cuda import set_device
+
+            set_device(self.config.engine.device)  # freed from this thread: its device, not GPU 0
             self.lanes.close()
             self.engine.close()
             self.pinned.free()

@@ -79,6 +79,10 @@ class InferStage(Stage):
         return outputs, None, seconds
 
     def _complete_loop(self) -> None:
+        if self.device is not None:
+            from pipeline.cuda import set_device
+
+            set_device(self.device)  # this thread polls the lanes' events: the device's context, not GPU 0's
         while True:
             item = self._submitted.get()
             if item is None:
@@ -136,10 +140,17 @@ class LaneInferStage(InferStage):
     pinned memory is freed by `Pipeline.close`, after postprocess has read the last outputs.
     """
 
-    def __init__(self, inbox: BoundedQueue, outbox: BoundedQueue, lanes, pool: HostSlotPool, timeline=None):
-        super().__init__(inbox, outbox, lanes.engine, pool, lanes=len(lanes.lanes))
+    def __init__(self, inbox: BoundedQueue, outbox: BoundedQueue, lanes, pool: HostSlotPool, timeline=None,
+                 device: int = 0):
+        super().__init__(inbox, outbox, lanes.engine, pool, lanes=len(lanes.lanes), device=device)
         self.lanes = lanes
         self.timeline = timeline  # recent BatchTiming records, for the overlap picture
+
+    def on_start(self) -> None:
+        from pipeline.cuda import set_device
+
+        set_device(self.device)  # submit copies and enqueues from this thread: on the engine's device
+        super().on_start()
 
     def _submit(self, batch: FrameBatch):
         self.lanes.submit(batch.slot.array, tag=batch, n=len(batch))
