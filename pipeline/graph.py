@@ -212,6 +212,7 @@ class Pipeline:
     def snapshot(self) -> dict:
         summary = self.status.summary()
         summary["cameras"] = {s.camera.id: s.snapshot() for s in self.sources}
+        summary["subscriptions"] = self.publish.subscriptions
         if self.publish.preview is not None:
             summary["previews_sent"] = self.publish.previews_sent
         return summary
