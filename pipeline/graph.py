@@ -5,7 +5,10 @@
 Every arrow is a `BoundedQueue`. Camera queues block for files (nothing lost) and drop the
 oldest frame for live sources (latency stays bounded); the others block, so back-pressure reaches
 the decoders. Stopping sets the stop event: sources end, and end of stream flows down the graph
-while every stage drains what is in flight.
+while every stage drains what is in flight. A stage that fails stops the run the same way, within
+`runtime.shutdown_deadline_s`; past that deadline every wait is ended (`abort`) so no thread stays
+blocked. The publisher's ZeroMQ context is the pipeline's own and is terminated at `close`, so
+its queued messages (the last detections, the `end` messages) get their linger.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 from pathlib import Path
 
 import cv2
+import zmq
 
 from engines import DeviceEngine, create_engine
 from pipeline.buffers import HostSlotPool
@@ -69,7 +73,9 @@ class Pipeline:
             self.lanes = LaneSet(self.engine, config.engine.lanes)
         else:
             self.pool = HostSlotPool(slots, (self.engine.max_batch, h, w, 3))
-        self.socket = bind_publisher(config.publish, connect=publish_connect)
+        self.context = zmq.Context()  # the pipeline's own: `close` terminates it, which is what applies the linger
+        self.socket = bind_publisher(config.publish, context=self.context, connect=publish_connect,
+                                     linger_s=config.runtime.shutdown_deadline_s)
 
         self.sources: list[SourceStage] = []
         for camera in config.cameras:
@@ -112,13 +118,27 @@ class Pipeline:
         self.stages = [*self.sources, self.batch, self.letterbox, self.infer, self.postprocess, self.publish]
         self.status = StatusReporter([s.metrics for s in self.stages], self.publish.metrics)
 
-    def start(self) -> None:
+    def start(self, stop_requested: threading.Event | None = None, subscribers: int | None = None) -> None:
+        """Start every stage, after waiting for `subscribers` (default `publish.wait_subscribers`).
+
+        A stop during that wait ends it: the stages then start already stopped, so each camera
+        still gets its `end` message.
+        """
         publish = self.config.publish
-        if publish.wait_subscribers:
-            got = wait_for_subscribers(self.socket, publish.wait_subscribers, publish.wait_timeout_s)
-            if got < publish.wait_subscribers:
-                log.warning("publish: %d of %d subscribers after %.1f s; starting anyway", got,
-                            publish.wait_subscribers, publish.wait_timeout_s)
+        wanted = publish.wait_subscribers if subscribers is None else subscribers
+        if stop_requested is not None and stop_requested.is_set():
+            wanted = 0  # stopped before the start (while the model loaded)
+            self.stop()
+        if wanted:
+            log.info("publish: waiting for %d subscriber(s), up to %.1f s", wanted, publish.wait_timeout_s)
+            got = wait_for_subscribers(self.socket, wanted, publish.wait_timeout_s, stop_requested)
+            self.publish.subscriptions = got
+            if stop_requested is not None and stop_requested.is_set():
+                log.info("stopped while waiting for subscribers")
+                self.stop()
+            elif got < wanted:
+                log.warning("publish: %d of %d subscribers after %.1f s; starting anyway", got, wanted,
+                            publish.wait_timeout_s)
         for stage in reversed(self.stages):  # consumers first
             stage.start()
 
@@ -195,9 +215,14 @@ class Pipeline:
         return True
 
     def close(self) -> None:
-        """Release GPU memory once every stage has finished (postprocess reads pinned outputs until then)."""
+        """Release GPU memory once every stage has finished (postprocess reads pinned outputs until then),
+        and terminate the ZeroMQ context: that is what lets the publisher's queued messages leave,
+        for up to `runtime.shutdown_deadline_s` (the socket's linger) if a subscriber is behind."""
         if not self.finished:
-            return  # a stage is still running (shutdown deadline passed): leave its memory alone
+            return  # a stage is still running (shutdown deadline passed): leave its memory and socket alone
+        if not self.socket.closed:  # never started: the publish stage did not close it
+            self.socket.close()
+        self.context.term()
         if self.pinned is not None:
             from pipeline.cuda import set_device
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 
 import cv2
@@ -116,13 +117,15 @@ class PreviewGate:
         return True
 
 
-def bind_publisher(config: PublishConfig, context: zmq.Context | None = None, connect: str | None = None) -> zmq.Socket:
+def bind_publisher(config: PublishConfig, context: zmq.Context | None = None, connect: str | None = None,
+                   linger_s: float = 2.0) -> zmq.Socket:
     """The publishing socket, bound at `config.bind`; or, in a worker process, connected to the
-    supervisor's proxy at `connect` (pipeline/workers.py)."""
+    supervisor's proxy at `connect` (pipeline/workers.py). `linger_s`: how long queued messages may
+    take to leave once the socket is closed and its context terminated (the shutdown deadline)."""
     context = context or zmq.Context.instance()
     socket = context.socket(zmq.XPUB)
     socket.setsockopt(zmq.SNDHWM, config.send_hwm)
-    socket.setsockopt(zmq.LINGER, 2000)  # at exit, give queued messages 2 s to leave
+    socket.setsockopt(zmq.LINGER, int(linger_s * 1000))
     socket.setsockopt(zmq.XPUB_VERBOSE, 1)
     if connect is not None:
         socket.connect(connect)
@@ -135,14 +138,17 @@ def bind_publisher(config: PublishConfig, context: zmq.Context | None = None, co
     return socket
 
 
-def wait_for_subscribers(socket: zmq.Socket, count: int, timeout_s: float) -> int:
-    """Block until `count` subscriptions arrived (or the timeout passed); returns how many did."""
+def wait_for_subscribers(socket: zmq.Socket, count: int, timeout_s: float, stop: threading.Event | None = None) -> int:
+    """Block until `count` subscriptions arrived, the timeout passed or `stop` was set (a signal:
+    checked every 0.1 s); returns how many arrived."""
     seen = 0
     deadline = time.monotonic() + timeout_s
-    while seen < count:
+    while seen < count and not (stop is not None and stop.is_set()):
         remaining_ms = int((deadline - time.monotonic()) * 1000)
-        if remaining_ms <= 0 or not socket.poll(remaining_ms, zmq.POLLIN):
+        if remaining_ms <= 0:
             break
+        if not socket.poll(min(remaining_ms, 100), zmq.POLLIN):
+            continue
         message = socket.recv()
         if message[:1] == b"\x01":
             seen += 1
