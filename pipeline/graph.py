@@ -47,10 +47,6 @@ class Pipeline:
         for i, camera in enumerate(config.cameras):  # a missing file is a config mistake: fail before loading anything
             if not camera.is_live and not Path(camera.url).is_file():
                 raise ConfigError(f"cameras[{i}].url: camera {camera.id}: {camera.url}: file not found")
-        if config.engine.on_gpu:
-            from pipeline.cuda import set_device
-
-            set_device(config.engine.device)  # this thread allocates pinned and device memory: on that device
         model = prepare_model(config.model.path, config.model.preset, config.engine.max_batch)
         self.labels = read_labels(config.model.labels, model.num_classes)
         self.engine = create_engine(config.engine, model)
@@ -61,9 +57,10 @@ class Pipeline:
         slots = max(config.runtime.host_slots, config.engine.lanes + 2)
         self.pinned = self.device_slots = None
         if isinstance(self.engine, DeviceEngine):
-            from pipeline.cuda import DeviceAllocator, PinnedAllocator
+            from pipeline.cuda import DeviceAllocator, PinnedAllocator, set_device
             from pipeline.lanes import LaneSet
 
+            set_device(config.engine.device)  # this thread allocates pinned and device memory: on that device
             self.pinned = PinnedAllocator()
             if config.letterbox_on_gpu:  # letterboxed on the GPU: the batch buffers live there too
                 self.device_slots = DeviceAllocator()
