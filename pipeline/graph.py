@@ -176,7 +176,8 @@ class Pipeline:
             f"{s.camera.id}={s.state.value}/f{s.next_index}/r{s.reconnects}/d{sum(s.metrics.drops.values())}"
             for s in self.sources
         )
-        return f"{self.status.line()} cameras[state/frames/reconnects/drops]: {cameras}"
+        return (f"{self.status.line()} subscriptions={self.publish.subscriptions} "
+                f"cameras[state/frames/reconnects/drops]: {cameras}")
 
     def failure(self) -> BaseException | None:
         for stage in self.stages:

@@ -215,17 +215,22 @@ def test_a_stage_that_fails_mid_run_stops_the_run_and_says_why(tmp_path, stage):
 # 5 -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("workers", [0, 1])
 def test_a_subscriber_briefly_behind_at_the_end_gets_every_message_and_end(tmp_path, workers):
-    """The subscriber reads nothing until the run has published its last message, so the tail
-    waits in the publisher's queue: the context's termination must give it the linger."""
+    """The subscriber reads nothing from before the run starts until a few seconds after its last
+    message (or until the process has exited, which it must not do while its queue still holds
+    messages): the tail waits in the publisher's queue, and the context's termination must give
+    it the linger (30 s here)."""
+    # previews of every frame (a viewer's load): megabytes, more than the kernel's socket buffers hold
+    preview = {"enabled": True, "max_fps": 120, "width": 640, "jpeg_quality": 95}
     path, config = make_config(tmp_path, [{"id": "cars", "url": str(CAR_CLIP)}],
-                               publish={"wait_subscribers": 1, "wait_timeout_s": 120},
+                               publish={"wait_subscribers": 1, "wait_timeout_s": 120, "preview": preview},
                                runtime={"workers": workers, "shutdown_deadline_s": 30})
-    subscriber = Subscriber(config["publish"]["bind"], [b"det/cars/"], hwm=1, rcvbuf=1024)
+    subscriber = Subscriber(config["publish"]["bind"], [b"det/cars/", b"preview/cars/"], hwm=1, rcvbuf=1024)
     run = Run(path)
     try:
-        run.wait_for_line(" done: ", timeout=300)  # behind until now: not one message read
+        run.wait_for_line(" done: ", timeout=300)  # the last message is out: still not one read
+        run.wait(5)  # briefly behind: 5 s, less if the process exits (losing what it still held)
         messages = subscriber.collect(lambda ms: ms[-1][1]["type"] == "end", timeout=60)
-        code = run.wait(60)
+        code = run.wait(90)
     finally:
         run.close()
         subscriber.close()
@@ -293,8 +298,10 @@ def test_worker_mode_counts_every_subscriber_and_leaves_nothing_in_tmp(tmp_path)
 
 # 7 -------------------------------------------------------------------------------------------
 def test_subscription_notices_are_read_while_the_publisher_is_busy(tmp_path):
-    """A looping, unpaced camera keeps the publisher busy; a subscriber that joins mid-run is seen."""
+    """A looping, unpaced camera keeps the publisher busy (never idle for long); a subscriber that
+    joins mid-run is seen while it is busy (the status line counts the notices read)."""
     path, config = make_config(tmp_path, [{"id": "cam", "url": str(PERSON_CLIP), "loop": True}],
+                               engine={"max_batch": 1},  # frames reach the publisher one by one, never a pause
                                publish={"wait_subscribers": 1, "wait_timeout_s": 120},
                                runtime={"shutdown_deadline_s": 60})  # a backlogged pipeline drains slowly here
     summary = tmp_path / "summary.json"
@@ -305,6 +312,7 @@ def test_subscription_notices_are_read_while_the_publisher_is_busy(tmp_path):
         assert len(first.collect(lambda ms: len(ms) >= 5, timeout=180)) >= 5, run.stderr
         second = Subscriber(config["publish"]["bind"], [b"det/cam/"])
         assert len(second.collect(lambda ms: len(ms) >= 20, timeout=60)) >= 20
+        run.wait_for_line("subscriptions=2 ", timeout=60)  # while the camera still runs: read under load
         run.process.send_signal(signal.SIGTERM)
         code = run.wait(90)
     finally:
