@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
 import threading
 
@@ -48,6 +47,15 @@ def _limit_malloc_arenas(arenas: int = 2) -> None:
 
 
 def cmd_run(args) -> int:
+    from pipeline.shutdown import StopSignals, SupervisorChannel, load_interruptibly
+
+    # first thing, before anything slow: what a signal means (pipeline/shutdown.py, README: Shutdown and signals)
+    stop_requested = threading.Event()
+    channel = signals = None
+    if args.worker:  # a worker takes orders from its supervisor only
+        channel = SupervisorChannel(stop_requested).start()
+    else:
+        signals = StopSignals(stop_requested).install()
     from pipeline.config import load_config
 
     config = load_config(args.config)
@@ -63,38 +71,32 @@ def cmd_run(args) -> int:
     if config.runtime.workers and not args.check:
         from pipeline.workers import run_workers
 
-        return run_workers(config, args.config, args.summary_json, args.log_level)
+        return run_workers(config, args.config, args.summary_json, args.log_level, stop_requested, signals)
+    from pipeline.graph import Pipeline  # builds model, engine and socket: everything but the run
+
+    deadline = config.runtime.shutdown_deadline_s
+    pipeline = load_interruptibly(lambda: Pipeline(config, publish_connect=args.publish_connect), stop_requested, deadline)
     if args.check:
-        from pipeline.graph import Pipeline  # builds model, engine and socket: everything but the run
-        Pipeline(config).socket.close(0)
+        pipeline.close()
         print(f"{args.config}: ok")
         return 0
-    from pipeline.graph import Pipeline
-
-    pipeline = Pipeline(config, publish_connect=args.publish_connect)
-    stop_requested = threading.Event()
-
-    def on_signal(signum, _frame):
-        if stop_requested.is_set():
-            log.warning("second %s: exiting now", signal.Signals(signum).name)
-            sys.exit(130)
-        log.info("%s: stopping sources, draining what is in flight", signal.Signals(signum).name)
-        stop_requested.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
     log.info("running %d camera(s) with %s, batch <= %d, publishing on %s", len(config.cameras),
              pipeline.engine.name, pipeline.engine.max_batch, pipeline.endpoint)
-    pipeline.start()
+    subscribers = None
+    if worker is not None and config.publish.wait_subscribers:
+        # the supervisor counts the subscribers at its endpoint and says go; its proxy passes each
+        # topic on once, so this worker then waits only until a subscription has reached it
+        subscribers = min(1, channel.subscribers) if channel.wait_go() else 0
+    pipeline.start(stop_requested, subscribers)
     drained = pipeline.wait(stop_requested=stop_requested)
     blocked = pipeline.join_sources(timeout=0.5)
     if blocked:  # a reader in a network read returns within its read timeout; do not wait for it
         log.warning("camera(s) %s: reader still in a network read at exit; abandoned", ", ".join(blocked))
     summary = pipeline.snapshot()
-    pipeline.close()
+    log.info("done: %s", pipeline.status_line())
+    pipeline.close()  # the publisher's last messages leave here (within the shutdown deadline)
     # what is still running besides this thread (stray threads are a bug; a blocked reader is named above)
     summary["threads_alive"] = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
-    log.info("done: %s", pipeline.status_line())
     if args.summary_json:
         with open(args.summary_json, "w", encoding="utf-8") as handle:
             json.dump(summary, handle, indent=2, default=str)
@@ -103,8 +105,7 @@ def cmd_run(args) -> int:
         if isinstance(failure, PipelineError):
             raise failure
         return 1
-    if not drained:
-        log.error("shutdown deadline (%.1f s) passed with frames still in flight", config.runtime.shutdown_deadline_s)
+    if not drained:  # logged by Pipeline.wait, naming the stages still running
         return 1
     return 0
 

@@ -53,6 +53,10 @@ class HostSlotPool:
             self._cond.notify_all()
 
     @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
     def free(self) -> int:
         with self._cond:
             return len(self._free)

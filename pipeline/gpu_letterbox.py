@@ -158,6 +158,14 @@ class YuvPlanes:
                    uv.line_size, 2, matrix, full)
 
 
+def i420_layout(width: int, height: int) -> tuple[tuple[int, int, int], tuple[tuple[int, int], ...]]:
+    """Byte offsets and (width, height) of the Y, U and V planes of an I420 image packed without
+    padding (the upload's staging buffer). Chroma is ceil(w/2) x ceil(h/2), as FFmpeg lays it out:
+    an odd-sized frame keeps its last chroma column and row, where the kernel reads them."""
+    cw, ch = (width + 1) // 2, (height + 1) // 2
+    return (0, width * height, width * height + cw * ch), ((width, height), (cw, ch), (cw, ch))
+
+
 class GpuLetterboxer:
     """Launches the letterbox kernel for one image into a row of a device batch buffer."""
 

@@ -5,7 +5,10 @@
 Every arrow is a `BoundedQueue`. Camera queues block for files (nothing lost) and drop the
 oldest frame for live sources (latency stays bounded); the others block, so back-pressure reaches
 the decoders. Stopping sets the stop event: sources end, and end of stream flows down the graph
-while every stage drains what is in flight.
+while every stage drains what is in flight. A stage that fails stops the run the same way, within
+`runtime.shutdown_deadline_s`; past that deadline every wait is ended (`abort`) so no thread stays
+blocked. The publisher's ZeroMQ context is the pipeline's own and is terminated at `close`, so
+its queued messages (the last detections, the `end` messages) get their linger.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import threading
 import time
 
 import cv2
+import zmq
 
 from engines import DeviceEngine, create_engine, require_engine
 from pipeline.buffers import HostSlotPool
@@ -52,9 +56,10 @@ class Pipeline:
         slots = max(config.runtime.host_slots, config.engine.lanes + 2)
         self.pinned = self.device_slots = None
         if isinstance(self.engine, DeviceEngine):
-            from pipeline.cuda import DeviceAllocator, PinnedAllocator
+            from pipeline.cuda import DeviceAllocator, PinnedAllocator, set_device
             from pipeline.lanes import LaneSet
 
+            set_device(config.engine.device)  # this thread allocates pinned and device memory: on that device
             self.pinned = PinnedAllocator()
             if config.letterbox_on_gpu:  # letterboxed on the GPU: the batch buffers live there too
                 self.device_slots = DeviceAllocator()
@@ -64,7 +69,9 @@ class Pipeline:
             self.lanes = LaneSet(self.engine, config.engine.lanes)
         else:
             self.pool = HostSlotPool(slots, (self.engine.max_batch, h, w, 3))
-        self.socket = bind_publisher(config.publish, connect=publish_connect)
+        self.context = zmq.Context()  # the pipeline's own: `close` terminates it, which is what applies the linger
+        self.socket = bind_publisher(config.publish, context=self.context, connect=publish_connect,
+                                     linger_s=config.runtime.shutdown_deadline_s)
         self.endpoint = publish_connect or bound_endpoint(self.socket)
 
         self.sources: list[SourceStage] = []
@@ -82,6 +89,8 @@ class Pipeline:
         detected = BoundedQueue(size * max(1, self.engine.max_batch), name="detected")
         # live frames must not queue between stages: they wait in the camera queues (newest kept)
         credits = Credits(config.runtime.live_batches_in_flight) if any(c.is_live for c in config.cameras) else None
+        self.credits = credits
+        self.queues = [batched, boxed, inferred, detected]
         self.batch = BatchStage(FanIn([s.outbox for s in self.sources]), batched, self.engine.max_batch,
                                 config.engine.batch_timeout_ms / 1000.0, credits)
         previews = config.publish.preview.enabled  # previews need the decoded image until publish
@@ -95,7 +104,7 @@ class Pipeline:
             preview_gate_at_publish = preview_gate
         if self.pinned is not None:
             self.timeline = collections.deque(maxlen=4096)  # recent batches' CUDA-event timings
-            self.infer = LaneInferStage(boxed, inferred, self.lanes, self.pool, self.timeline)
+            self.infer = LaneInferStage(boxed, inferred, self.lanes, self.pool, self.timeline, device=config.engine.device)
         else:
             self.infer = InferStage(boxed, inferred, self.engine, self.pool, lanes=config.engine.lanes)
         self.postprocess = PostprocessStage(inferred, detected, model.preset.layout, model.input_hw, model.preset.strides,
@@ -107,13 +116,27 @@ class Pipeline:
         self.stages = [*self.sources, self.batch, self.letterbox, self.infer, self.postprocess, self.publish]
         self.status = StatusReporter([s.metrics for s in self.stages], self.publish.metrics)
 
-    def start(self) -> None:
+    def start(self, stop_requested: threading.Event | None = None, subscribers: int | None = None) -> None:
+        """Start every stage, after waiting for `subscribers` (default `publish.wait_subscribers`).
+
+        A stop during that wait ends it: the stages then start already stopped, so each camera
+        still gets its `end` message.
+        """
         publish = self.config.publish
-        if publish.wait_subscribers:
-            got = wait_for_subscribers(self.socket, publish.wait_subscribers, publish.wait_timeout_s)
-            if got < publish.wait_subscribers:
-                log.warning("publish: %d of %d subscribers after %.1f s; starting anyway", got,
-                            publish.wait_subscribers, publish.wait_timeout_s)
+        wanted = publish.wait_subscribers if subscribers is None else subscribers
+        if stop_requested is not None and stop_requested.is_set():
+            wanted = 0  # stopped before the start (while the model loaded)
+            self.stop()
+        if wanted:
+            log.info("publish: waiting for %d subscriber(s), up to %.1f s", wanted, publish.wait_timeout_s)
+            got = wait_for_subscribers(self.socket, wanted, publish.wait_timeout_s, stop_requested)
+            self.publish.subscriptions = got
+            if stop_requested is not None and stop_requested.is_set():
+                log.info("stopped while waiting for subscribers")
+                self.stop()
+            elif got < wanted:
+                log.warning("publish: %d of %d subscribers after %.1f s; starting anyway", got, wanted,
+                            publish.wait_timeout_s)
         for stage in reversed(self.stages):  # consumers first
             stage.start()
 
@@ -126,6 +149,16 @@ class Pipeline:
         self.stop_event.set()
         for source in self.sources:
             source.outbox.close()
+
+    def abort(self) -> None:
+        """The shutdown deadline passed: end every wait (slots, credits, queues) so that no stage
+        thread stays blocked; what is still in flight is lost, and the run exits non-zero."""
+        self.stop()
+        self.pool.close()
+        if self.credits is not None:
+            self.credits.close()
+        for queue in self.queues:
+            queue.close()
 
     @property
     def finished(self) -> bool:
@@ -144,7 +177,8 @@ class Pipeline:
             f"{s.camera.id}={s.state.value}/f{s.next_index}/r{s.reconnects}/d{sum(s.metrics.drops.values())}"
             for s in self.sources
         )
-        return f"{self.status.line()} cameras[state/frames/reconnects/drops]: {cameras}"
+        return (f"{self.status.line()} subscriptions={self.publish.subscriptions} "
+                f"cameras[state/frames/reconnects/drops]: {cameras}")
 
     def end_reason(self, camera: str) -> str:
         """Why a camera's stream ended, for its end message: "eof" only when its file was read to
@@ -166,8 +200,8 @@ class Pipeline:
     def wait(self, stop_requested: threading.Event | None = None) -> bool:
         """Run until every stage has finished, printing status; True when all stopped in time.
 
-        Once `stop_requested` is set (a signal), sources stop and the rest has
-        `runtime.shutdown_deadline_s` to drain.
+        Once `stop_requested` is set (a signal) or a stage has failed, sources stop and the rest
+        has `runtime.shutdown_deadline_s` to drain; past it every wait is ended and False returned.
         """
         interval = self.config.runtime.status_interval_s
         next_status = time.monotonic() + interval
@@ -175,13 +209,15 @@ class Pipeline:
         while not self.finished:
             time.sleep(0.05)
             now = time.monotonic()
-            if self.failure() is not None and not self.stop_event.is_set():
-                self.stop()  # one stage failed for good: wind the rest down
-            if stop_requested is not None and stop_requested.is_set() and stop_deadline is None:
+            failed = self.failure() is not None  # a stage failed for good (it logged why): wind the rest down
+            if stop_deadline is None and (failed or stop_requested is not None and stop_requested.is_set()):
                 self.stop()
                 stop_deadline = now + self.config.runtime.shutdown_deadline_s
             if stop_deadline is not None and now > stop_deadline:
-                self.pool.close()
+                log.error("shutdown deadline (%.1f s) passed with stage(s) %s still running; what they hold is lost",
+                          self.config.runtime.shutdown_deadline_s,
+                          ", ".join(s.name for s in self.stages[len(self.sources):] if s.alive))
+                self.abort()
                 return False
             if now >= next_status:
                 log.info("%s", self.status_line())
@@ -189,10 +225,18 @@ class Pipeline:
         return True
 
     def close(self) -> None:
-        """Release GPU memory once every stage has finished (postprocess reads pinned outputs until then)."""
+        """Release GPU memory once every stage has finished (postprocess reads pinned outputs until then),
+        and terminate the ZeroMQ context: that is what lets the publisher's queued messages leave,
+        for up to `runtime.shutdown_deadline_s` (the socket's linger) if a subscriber is behind."""
         if not self.finished:
-            return  # a stage is still running (shutdown deadline passed): leave its memory alone
+            return  # a stage is still running (shutdown deadline passed): leave its memory and socket alone
+        if not self.socket.closed:  # never started: the publish stage did not close it
+            self.socket.close()
+        self.context.term()
         if self.pinned is not None:
+            from pipeline.cuda import set_device
+
+            set_device(self.config.engine.device)  # freed from this thread: its device, not GPU 0
             self.lanes.close()
             self.engine.close()
             self.pinned.free()
@@ -203,6 +247,7 @@ class Pipeline:
     def snapshot(self) -> dict:
         summary = self.status.summary()
         summary["cameras"] = {s.camera.id: s.snapshot() for s in self.sources}
+        summary["subscriptions"] = self.publish.subscriptions
         if self.publish.preview is not None:
             summary["previews_sent"] = self.publish.previews_sent
         return summary

@@ -5,6 +5,10 @@
 - `drop_newest`: the new item is discarded.
 Drops are counted per reason by the caller's metrics. `close()` wakes every waiter; `get()`
 returns `CLOSED` once the queue is closed and empty, which is how end of stream travels.
+
+Every wait here can be ended by closing what is waited on: a producer's `put` into a closed
+queue is refused, a closed `Credits` refuses `acquire`. That is how a stage that stops for good
+releases the stages upstream of it, and how a run's teardown releases everything (`Aborted`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,12 @@ class _Closed:
 
 
 CLOSED = _Closed()
+
+
+class Aborted(Exception):
+    """A stage's wait ended because what it waits on was closed for a teardown (the stage after it
+    stopped for good, or the shutdown deadline passed): the stage stops quietly, and whoever raises
+    it has counted the item in hand as dropped."""
 
 
 class BoundedQueue:
@@ -113,9 +123,17 @@ class Credits:
     def __init__(self, count: int):
         self.count = count
         self._semaphore = threading.BoundedSemaphore(count)
+        self.closed = False
 
     def acquire(self, timeout: float | None = None) -> bool:
-        return self._semaphore.acquire(timeout=timeout)
+        """True once a credit is taken; False after `timeout` or once closed (check `closed`)."""
+        if self.closed:
+            return False
+        return self._semaphore.acquire(timeout=timeout) and not self.closed
+
+    def close(self) -> None:
+        """Refuse every later `acquire` (teardown): the credits of batches lost in a failed stage never come back."""
+        self.closed = True
 
     def release(self) -> None:
         self._semaphore.release()
@@ -134,6 +152,14 @@ class FanIn:
         self._next = 0
         for q in self.queues:
             q._listeners.append(self._wake)
+
+    def close(self) -> None:
+        for q in self.queues:
+            q.close()
+
+    @property
+    def closed(self) -> bool:
+        return all(q.closed for q in self.queues)
 
     def _wake(self) -> None:
         with self._ready:

@@ -10,8 +10,13 @@ becomes a supervisor:
 - it binds `publish.bind` itself and runs a ZeroMQ proxy (XSUB <- workers, XPUB -> subscribers):
   subscribers see one endpoint and the usual `det/<camera>/` topics, and their subscriptions
   travel back to the workers (so `publish.wait_subscribers` works as in one process);
-- a signal is passed on to every worker, which drains and exits; if a worker fails, the others
-  are stopped and the run exits non-zero, naming the worker and its cameras.
+- it alone takes signals (pipeline/shutdown.py): workers run in their own process group and
+  ignore SIGINT/SIGTERM, and get their orders over a pipe on their stdin (`go N`, `stop`); a
+  first signal tells every worker started so far to drain (and starts no more), a second kills
+  them; if the supervisor dies, the pipe's end of file makes every worker exit;
+- it counts subscribers at its endpoint (`publish.wait_subscribers`), and says go once they are
+  there; if a worker fails, the others are stopped and the run exits non-zero, naming the worker
+  and its cameras; a worker still running well past the shutdown deadline is killed.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,6 +36,7 @@ import zmq
 
 from pipeline.config import Config
 from pipeline.errors import PublishError
+from pipeline.shutdown import StopSignals
 
 log = logging.getLogger("pipeline")
 
@@ -51,15 +57,21 @@ def internal_endpoint(folder: str) -> str:
 
 
 class Proxy:
-    """XSUB (workers connect their publishers) <-> XPUB (bound where subscribers expect it)."""
+    """XSUB (workers connect their publishers) <-> XPUB (bound where subscribers expect it), in a thread.
 
-    def __init__(self, bind: str, internal: str, send_hwm: int):
-        context = zmq.Context.instance()
+    Its own loop rather than `zmq.proxy`: it counts the subscriptions at the one endpoint that
+    subscribers see (a worker cannot: when it connects after them, XSUB hands it each topic only
+    once), and when the workers are done it forwards what they sent last before it closes.
+    """
+
+    def __init__(self, context: zmq.Context, bind: str, internal: str, send_hwm: int, linger_s: float):
         self.front = context.socket(zmq.XPUB)
         self.front.setsockopt(zmq.SNDHWM, send_hwm)
         self.front.setsockopt(zmq.XPUB_VERBOSE, 1)
+        self.front.setsockopt(zmq.LINGER, int(linger_s * 1000))  # honoured when the context is terminated
         self.back = context.socket(zmq.XSUB)
         self.back.setsockopt(zmq.RCVHWM, send_hwm)
+        self.back.setsockopt(zmq.LINGER, 0)
         try:
             self.front.bind(bind)
         except zmq.ZMQError as exc:
@@ -67,84 +79,165 @@ class Proxy:
             self.back.close(0)
             raise PublishError(f"publish.bind: cannot bind {bind}: {exc.strerror}") from None
         self.back.bind(internal)
-        self.control_address = f"inproc://proxy-control-{id(self)}"
-        self._control = context.socket(zmq.PAIR)
-        self._control.bind(self.control_address)
+        self.subscriptions = 0  # subscription notices from subscribers (duplicates too)
+        self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="publish-proxy", daemon=True)
 
     def _run(self) -> None:
-        control = zmq.Context.instance().socket(zmq.PAIR)
-        control.connect(self.control_address)
-        try:
-            zmq.proxy_steerable(self.back, self.front, None, control)
-        finally:
-            control.close(0)
+        poller = zmq.Poller()
+        poller.register(self.front, zmq.POLLIN)
+        poller.register(self.back, zmq.POLLIN)
+        while True:
+            ready = dict(poller.poll(100))
+            if self.back in ready:  # detections and previews from the workers
+                self.front.send_multipart(self.back.recv_multipart(), flags=zmq.NOBLOCK)
+            if self.front in ready:  # (un)subscriptions from subscribers, passed on to every worker
+                message = self.front.recv_multipart()
+                if message[0][:1] == b"\x01":
+                    self.subscriptions += 1
+                self.back.send_multipart(message)
+            if not ready and self._stopping.is_set():
+                return  # the workers have exited and what they sent last has been forwarded
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        self._control.send(b"TERMINATE")
-        self._thread.join(timeout=5)
-        for socket in (self._control, self.front, self.back):
-            socket.close(linger=1000)
+        """Call once the workers have exited: forward what is left, then close (the front lingers
+        until the context is terminated). Idempotent."""
+        if self.front.closed:
+            return
+        self._stopping.set()
+        self._thread.join(timeout=10)
+        self.front.close()
+        self.back.close()
 
 
-def run_workers(config: Config, config_path: str, summary_json: str | None, log_level: str | None) -> int:
+class Worker:
+    """One worker process and the pipe it takes its orders from."""
+
+    def __init__(self, index: int, count: int, config: Config, config_path: str, summary: Path, internal: str,
+                 log_level: str | None):
+        command = [sys.executable, str(Path(__file__).resolve().parent.parent / "run.py"), "run", "--config", config_path,
+                   "--worker", f"{index}/{count}", "--publish-connect", internal, "--summary-json", str(summary)]
+        if log_level:
+            command += ["--log-level", log_level]
+        self.index = index
+        self.cameras = ", ".join(c.id for c in config.cameras[index::count])
+        # its own process group: the terminal's Ctrl-C (and Ctrl-Z) reach the supervisor only
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, process_group=0,
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.told_stop = False
+        log.info("worker %d/%d (pid %d, GPU %d): %s", index, count, self.process.pid,
+                 worker_config(config, index, count).engine.device, self.cameras)
+
+    def tell(self, order: str) -> None:
+        if order == "stop":
+            if self.told_stop:
+                return
+            self.told_stop = True
+        try:
+            self.process.stdin.write(f"{order}\n".encode())
+            self.process.stdin.flush()
+        except OSError:
+            pass  # it has exited already
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+
+
+def run_workers(config: Config, config_path: str, summary_json: str | None, log_level: str | None,
+                stop_requested: threading.Event, signals: StopSignals) -> int:
     from stages.publish import bound_endpoint
     from stages.source import probe_files
 
     probe_files(config.cameras)  # an unreadable file stops the run before any worker starts (exit 2)
+    folder = tempfile.mkdtemp(prefix="vapipe-")  # the workers' internal endpoint and their summaries
+    context = zmq.Context()
+    try:
+        proxy = Proxy(context, config.publish.bind, internal_endpoint(folder), config.publish.send_hwm,
+                      config.runtime.shutdown_deadline_s)
+        proxy.start()
+        log.info("publishing on %s", bound_endpoint(proxy.front))
+        workers: list[Worker] = []
+        try:
+            return _supervise(config, config_path, summary_json, log_level, stop_requested, signals, folder, proxy,
+                              workers)
+        except BaseException:  # a bug, or a worker that cannot be started: leave nothing running
+            for worker in workers:
+                worker.kill()
+            raise
+        finally:
+            proxy.stop()  # forwards what the workers sent last
+    finally:
+        context.term()  # the proxy's front lingers here: the last messages and `end`s reach subscribers
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _supervise(config: Config, config_path: str, summary_json: str | None, log_level: str | None,
+               stop_requested: threading.Event, signals: StopSignals, folder: str, proxy: Proxy,
+               workers: list[Worker]) -> int:
     count = min(config.runtime.workers, len(config.cameras))
-    folder = tempfile.mkdtemp(prefix="vapipe-")
-    internal = internal_endpoint(folder)
-    proxy = Proxy(config.publish.bind, internal, config.publish.send_hwm)
-    proxy.start()
-    log.info("publishing on %s", bound_endpoint(proxy.front))
-    stop_requested = threading.Event()
-    processes: list[subprocess.Popen] = []
+    deadline_s = config.runtime.shutdown_deadline_s
 
-    def stop_workers() -> None:
-        stop_requested.set()
-        for process in processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
+    def stop_now() -> None:  # the second signal: the workers too, and nothing left behind in /tmp
+        for worker in workers:
+            worker.kill()
+        shutil.rmtree(folder, ignore_errors=True)
 
-    def on_signal(signum, _frame):
-        if stop_requested.is_set():
-            log.warning("second %s: killing the workers", signal.Signals(signum).name)
-            for process in processes:
-                process.kill()
-            return
-        log.info("%s: stopping %d worker(s)", signal.Signals(signum).name, len(processes))
-        stop_workers()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    signals.on_second = stop_now
     summaries = [Path(folder) / f"summary_{i}.json" for i in range(count)]
-    cameras = [", ".join(c.id for c in config.cameras[i::count]) for i in range(count)]
     for i in range(count):
-        command = [sys.executable, str(Path(__file__).resolve().parent.parent / "run.py"), "run", "--config", config_path,
-                   "--worker", f"{i}/{count}", "--publish-connect", internal, "--summary-json", str(summaries[i])]
-        if log_level:
-            command += ["--log-level", log_level]
-        processes.append(subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}))
-        log.info("worker %d/%d (pid %d, GPU %d): %s", i, count, processes[-1].pid,
-                 worker_config(config, i, count).engine.device, cameras[i])
+        if stop_requested.is_set():  # stopped while starting workers: the rest are never started
+            log.info("stopped while starting workers: %d of %d started", len(workers), count)
+            break
+        workers.append(Worker(i, count, config, config_path, summaries[i], internal_endpoint(folder), log_level))
 
+    wanted = config.publish.wait_subscribers
+    said_go = False
+    if wanted:
+        log.info("publish: waiting for %d subscriber(s), up to %.1f s", wanted, config.publish.wait_timeout_s)
+    wait_until = time.monotonic() + config.publish.wait_timeout_s
     failed: dict[int, str] = {}  # worker index -> what went wrong, in the order they failed
+    stopping = False
+    # a worker drains within the deadline, then its publisher lingers as long again; beyond that
+    # (and a margin for a slow machine's interpreter exit) it is stuck, and is killed
+    kill_after = 2 * deadline_s + 10.0
+    kill_at = None
     running = True
     while running:
-        time.sleep(0.2)
-        running = any(p.poll() is None for p in processes)  # then one last look at every exit code
-        for i, process in enumerate(processes):
-            code = process.poll()
-            if code not in (None, 0) and i not in failed:
-                failed[i] = f"worker {i} (cameras {cameras[i]}) exited with {code}"
-                if not stop_requested.is_set():
-                    log.error("%s: stopping the other workers", failed[i])
-                    stop_workers()
-    proxy.stop()
+        time.sleep(0.1)
+        now = time.monotonic()
+        running = any(w.process.poll() is None for w in workers)  # then one last look at every exit code
+        if not said_go:
+            got = proxy.subscriptions
+            if got >= wanted or now >= wait_until or stop_requested.is_set() or stopping:
+                if got < wanted and not (stop_requested.is_set() or stopping):
+                    log.warning("publish: %d of %d subscribers after %.1f s; starting anyway", got, wanted,
+                                config.publish.wait_timeout_s)
+                for worker in workers:
+                    worker.tell(f"go {got}")
+                said_go = True
+        for worker in workers:
+            code = worker.process.poll()
+            if code not in (None, 0) and worker.index not in failed:
+                failed[worker.index] = f"worker {worker.index} (cameras {worker.cameras}) exited with {code}"
+                if not (stopping or stop_requested.is_set()):
+                    log.error("%s: stopping the other workers", failed[worker.index])
+                    stopping = True
+        if (stopping or stop_requested.is_set()) and kill_at is None:
+            kill_at = now + kill_after
+            for worker in workers:
+                worker.tell("stop")
+        if kill_at is not None and now > kill_at and running:
+            for worker in workers:
+                if worker.process.poll() is None:
+                    log.error("worker %d (cameras %s) still running %.0f s after the stop: killed", worker.index,
+                              worker.cameras, kill_after)
+                    worker.kill()
+            kill_at = float("inf")
+    proxy.stop()  # before the summary: it reads the proxy's count
     if summary_json:
         merged = {"workers": []}
         for path in summaries:
@@ -153,16 +246,11 @@ def run_workers(config: Config, config_path: str, summary_json: str | None, log_
             except (OSError, ValueError):
                 merged["workers"].append(None)
         merged["cameras"] = {k: v for w in merged["workers"] if w for k, v in w.get("cameras", {}).items()}
+        merged["subscriptions"] = proxy.subscriptions
         with open(summary_json, "w", encoding="utf-8") as handle:
             json.dump(merged, handle, indent=2, default=str)
-    for path in summaries:
-        path.unlink(missing_ok=True)
-    try:
-        os.rmdir(folder)
-    except OSError:
-        pass
     if failed:
         log.error("run failed: %s", "; ".join(failed.values()))
-        codes = [p.returncode for p in processes if p.returncode and p.returncode > 0]
+        codes = [w.process.returncode for w in workers if w.process.returncode and w.process.returncode > 0]
         return codes[0] if codes else 1
     return 0

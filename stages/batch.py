@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from pipeline.queues import CLOSED, BoundedQueue, Credits, FanIn
+from pipeline.queues import CLOSED, Aborted, BoundedQueue, Credits, FanIn
 from pipeline.record import Frame, FrameBatch
 from pipeline.stage import Stage
 
@@ -39,6 +39,10 @@ class BatchStage(Stage):
         while True:
             if self.credits is not None and not self._holding_credit:
                 if not self.credits.acquire(timeout=0.5):
+                    if self.credits.closed:  # torn down (shutdown deadline passed): nothing will give one back
+                        self.metrics.drop("stopped", len(self._pending))
+                        self._pending = []
+                        raise Aborted("batch credits closed")
                     continue  # every batch in flight is still being inferred; frames wait upstream
                 self._holding_credit = True
             wait = None if not self._pending else max(0.0, self._deadline - time.monotonic())
@@ -68,3 +72,7 @@ class BatchStage(Stage):
     def flush(self) -> None:
         if self._pending:
             self._send()
+
+    def discard(self, batch) -> None:
+        if isinstance(batch, FrameBatch):
+            batch.release_credit()

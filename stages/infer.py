@@ -5,7 +5,8 @@ runs two single-threaded calls side by side much faster than one two-threaded ca
 model), on the GPU a CUDA stream with its own engine context (`pipeline.lanes`). The stage's
 thread submits each batch to a free lane; a completion thread waits for batches in the order
 they were submitted, frees their host slot and sends them on, so several batches are in flight
-and frame order is kept.
+and frame order is kept. When the stage stops, for good or not, the completion thread first
+finishes and sends on every batch in flight, so none vanishes uncounted.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 
 from engines.base import Engine
 from pipeline.buffers import HostSlotPool
-from pipeline.queues import BoundedQueue
+from pipeline.queues import Aborted, BoundedQueue
 from pipeline.record import FrameBatch
 from pipeline.stage import Stage
 
@@ -30,21 +31,28 @@ class InferStage(Stage):
     name = "infer"
     times_process = False  # latency is each batch's own inference time, recorded on completion
 
-    def __init__(self, inbox: BoundedQueue, outbox: BoundedQueue, engine: Engine, pool: HostSlotPool, lanes: int = 1):
+    def __init__(self, inbox: BoundedQueue, outbox: BoundedQueue, engine: Engine, pool: HostSlotPool, lanes: int = 1,
+                 device: int | None = None):
         super().__init__(inbox, outbox)
+        self.device = device  # GPU engines: the CUDA device every thread of this stage makes current
         self.engine = engine
         self.pool = pool
         self._free_lanes = threading.Semaphore(lanes)
         self._workers = ThreadPoolExecutor(lanes, thread_name_prefix="infer-lane")
         self._submitted: queue.Queue = queue.Queue()
         self._completer = threading.Thread(target=self._complete_loop, name="stage-infer-complete", daemon=True)
+        self._downstream_stopped = False  # set by the completion thread when postprocess refuses batches
 
     def on_start(self) -> None:
         self._completer.start()
 
     def process(self, batch: FrameBatch) -> None:
         started = time.perf_counter()
-        self._free_lanes.acquire()  # waiting for a lane is back-pressure, not work
+        # waiting for a lane is back-pressure, not work; it ends if the completion thread cannot free one
+        while self._downstream_stopped or not self._free_lanes.acquire(timeout=0.5):
+            if self._downstream_stopped or not self._completer.is_alive():
+                self.metrics.drop("stopped", len(batch))
+                raise Aborted("infer: results can no longer be handed on")
         self._waited += time.perf_counter() - started
         try:
             pending = self._submit(batch)
@@ -71,6 +79,10 @@ class InferStage(Stage):
         return outputs, None, seconds
 
     def _complete_loop(self) -> None:
+        if self.device is not None:
+            from pipeline.cuda import set_device
+
+            set_device(self.device)  # this thread polls the lanes' events: the device's context, not GPU 0's
         while True:
             item = self._submitted.get()
             if item is None:
@@ -90,20 +102,33 @@ class InferStage(Stage):
             for frame in batch.frames:
                 frame.mark("infer")
             self.metrics.record_latency(seconds)
-            self.emit(batch)
+            try:
+                self.emit(batch)  # a refused batch is counted and its outputs released by emit
+            except Aborted:
+                self._downstream_stopped = True  # the stage thread stops at its next batch
 
     def flush(self) -> None:
-        self._submitted.put(None)
-        self._completer.join()
+        self._finish_in_flight()
+
+    def _finish_in_flight(self) -> None:
+        """Let the completion thread hand on every batch already submitted, then end it."""
+        if self._completer.is_alive():
+            self._submitted.put(None)
+            self._completer.join()
 
     def discard(self, batch: FrameBatch) -> None:
-        """The batch no longer needs its input: free the host slot and its in-flight credit."""
+        """The batch no longer needs its input: free the host slot and its in-flight credit (and, once
+        refused downstream, its pinned outputs)."""
         batch.release_credit()
         if batch.slot is not None:
             self.pool.release(batch.slot)
             batch.slot = None
+        if batch.release is not None:
+            batch.release()
+            batch.release = None
 
     def on_stop(self) -> None:
+        self._finish_in_flight()  # also after a failure: what is in flight is finished, not lost
         self._workers.shutdown(wait=True)
         self.engine.close()
 
@@ -115,10 +140,17 @@ class LaneInferStage(InferStage):
     pinned memory is freed by `Pipeline.close`, after postprocess has read the last outputs.
     """
 
-    def __init__(self, inbox: BoundedQueue, outbox: BoundedQueue, lanes, pool: HostSlotPool, timeline=None):
-        super().__init__(inbox, outbox, lanes.engine, pool, lanes=len(lanes.lanes))
+    def __init__(self, inbox: BoundedQueue, outbox: BoundedQueue, lanes, pool: HostSlotPool, timeline=None,
+                 device: int = 0):
+        super().__init__(inbox, outbox, lanes.engine, pool, lanes=len(lanes.lanes), device=device)
         self.lanes = lanes
         self.timeline = timeline  # recent BatchTiming records, for the overlap picture
+
+    def on_start(self) -> None:
+        from pipeline.cuda import set_device
+
+        set_device(self.device)  # submit copies and enqueues from this thread: on the engine's device
+        super().on_start()
 
     def _submit(self, batch: FrameBatch):
         self.lanes.submit(batch.slot.array, tag=batch, n=len(batch))
@@ -132,4 +164,5 @@ class LaneInferStage(InferStage):
         return outputs, release, timing.wall / 1000.0
 
     def on_stop(self) -> None:
-        pass  # postprocess may still read the lanes' pinned outputs: Pipeline.close frees them
+        self._finish_in_flight()
+        # postprocess may still read the lanes' pinned outputs: Pipeline.close frees them

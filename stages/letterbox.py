@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline.buffers import HostSlotPool
 from pipeline.model import Preset
-from pipeline.queues import BoundedQueue
+from pipeline.queues import Aborted, BoundedQueue
 from pipeline.record import FrameBatch, Letterbox
 from pipeline.stage import Stage
 
@@ -66,8 +66,10 @@ class _SlotFillingStage(Stage):
         waiting_since = time.perf_counter()
         while slot is None:
             slot = self.pool.acquire(timeout=0.5)
-            if slot is None and self.outbox.closed:
-                raise RuntimeError("batch slot pool closed")
+            # a closed pool returns at once: stop instead of spinning (torn down, or inference stopped)
+            if slot is None and (self.pool.closed or self.outbox.closed):
+                self.metrics.drop("stopped", len(batch))
+                raise Aborted("batch slot pool closed")
         self._waited += time.perf_counter() - waiting_since
         batch.slot = slot
         return slot
@@ -174,17 +176,18 @@ class GpuLetterboxStage(_SlotFillingStage):
             raise RuntimeError(f"camera {frame.camera}: frame {frame.index} has no decoded video to letterbox")
         if video.format.name == "cuda":
             return YuvPlanes.from_nv12_frame(video)
-        if video.format.name not in ("yuv420p", "yuvj420p") or video.width % 2 or video.height % 2:
+        if video.format.name not in ("yuv420p", "yuvj420p"):  # odd sizes are fine: see i420_layout
             video = video.reformat(format="yuv420p")
             self.converted += 1
         return self._upload(video, row, *frame_matrix(video))
 
     def _upload(self, video, row: int, matrix: str, full_range: bool):
         from pipeline.cuda import DeviceBuffer, copy_2d_to_device
-        from pipeline.gpu_letterbox import YuvPlanes
+        from pipeline.gpu_letterbox import YuvPlanes, i420_layout
 
         w, h = video.width, video.height
-        need = w * h * 3 // 2
+        offsets, sizes = i420_layout(w, h)
+        need = offsets[2] + sizes[2][0] * sizes[2][1]
         while len(self._staging) <= row:
             self._staging.append(None)
         if self._staging[row] is None or self._staging[row].nbytes < need:
@@ -193,11 +196,10 @@ class GpuLetterboxStage(_SlotFillingStage):
                 self._staging[row].free()
             self._staging[row] = DeviceBuffer(need)
         base = self._staging[row].ptr
-        offsets = (0, w * h, w * h + (w // 2) * (h // 2))
-        for plane, offset, (pw, ph) in zip(video.planes, offsets, ((w, h), (w // 2, h // 2), (w // 2, h // 2))):
+        for plane, offset, (pw, ph) in zip(video.planes, offsets, sizes):
             copy_2d_to_device(base + offset, pw, plane.buffer_ptr, plane.line_size, pw, ph, self.stream)
         self.uploads += 1
-        return YuvPlanes(w, h, base, w, base + offsets[1], base + offsets[2], w // 2, 1, matrix,
+        return YuvPlanes(w, h, base, w, base + offsets[1], base + offsets[2], sizes[1][0], 1, matrix,
                          full_range or video.format.name == "yuvj420p")
 
     def on_stop(self) -> None:

@@ -16,7 +16,7 @@ import functools
 import cv2
 import numpy as np
 
-from pipeline.queues import BoundedQueue
+from pipeline.queues import Aborted, BoundedQueue
 from pipeline.record import Detections, FrameBatch, Letterbox
 from pipeline.stage import Stage
 
@@ -142,4 +142,13 @@ class PostprocessStage(Stage):
                 self._log_item_error(exc)
                 continue
             frame.mark("postprocess")
-            self.emit(frame)
+            try:
+                self.emit(frame)
+            except Aborted:  # the publisher stopped: the frames not sent yet are counted too
+                self.metrics.drop("stopped", len(batch.frames) - row - 1)
+                raise
+
+    def discard(self, batch: FrameBatch) -> None:
+        if batch.release is not None:
+            batch.release()
+            batch.release = None

@@ -3,9 +3,12 @@
 The socket is an XPUB (a PUB that also reports subscriptions, so a run can wait for its first
 subscribers). Topics are `det/<camera>/`: the closing slash keeps camera `cam1`'s subscribers
 from matching `cam10`. Messages are multipart `[topic, header]`, the header UTF-8 JSON in the
-schema documented in README.md (`SCHEMA` below). Sends are non-blocking with a high-water mark;
-a send ZeroMQ refuses is dropped and counted. ZeroMQ also drops silently, per subscriber, when one
-subscriber's own queue is full; the per-topic `seq` lets each subscriber count its own losses.
+schema documented in README.md (`SCHEMA` below). Sends never block: an XPUB socket drops a
+message, silently and per subscriber, when that subscriber's queue is at the high-water mark, so
+a slow subscriber costs only its own messages. The publisher cannot see those drops (an XPUB never
+refuses a send; `ZMQ_XPUB_NODROP` would make one slow subscriber cost every subscriber of the topic
+its messages), so it does not pretend to count them: the per-topic `seq` lets each subscriber count
+its own losses (`run.py subscribe` and the viewer report them).
 
 With `publish.preview.enabled`, a camera's frame also goes out as a JPEG preview on
 `preview/<camera>/` (`[topic, header, jpeg]`, schema `PREVIEW_SCHEMA`), scaled down and at most
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from typing import Callable
 
@@ -114,13 +118,15 @@ class PreviewGate:
         return True
 
 
-def bind_publisher(config: PublishConfig, context: zmq.Context | None = None, connect: str | None = None) -> zmq.Socket:
+def bind_publisher(config: PublishConfig, context: zmq.Context | None = None, connect: str | None = None,
+                   linger_s: float = 2.0) -> zmq.Socket:
     """The publishing socket, bound at `config.bind`; or, in a worker process, connected to the
-    supervisor's proxy at `connect` (pipeline/workers.py)."""
+    supervisor's proxy at `connect` (pipeline/workers.py). `linger_s`: how long queued messages may
+    take to leave once the socket is closed and its context terminated (the shutdown deadline)."""
     context = context or zmq.Context.instance()
     socket = context.socket(zmq.XPUB)
     socket.setsockopt(zmq.SNDHWM, config.send_hwm)
-    socket.setsockopt(zmq.LINGER, 2000)  # at exit, give queued messages 2 s to leave
+    socket.setsockopt(zmq.LINGER, int(linger_s * 1000))
     socket.setsockopt(zmq.XPUB_VERBOSE, 1)
     if connect is not None:
         socket.connect(connect)
@@ -138,14 +144,17 @@ def bound_endpoint(socket: zmq.Socket) -> str:
     return socket.getsockopt_string(zmq.LAST_ENDPOINT) or "?"
 
 
-def wait_for_subscribers(socket: zmq.Socket, count: int, timeout_s: float) -> int:
-    """Block until `count` subscriptions arrived (or the timeout passed); returns how many did."""
+def wait_for_subscribers(socket: zmq.Socket, count: int, timeout_s: float, stop: threading.Event | None = None) -> int:
+    """Block until `count` subscriptions arrived, the timeout passed or `stop` was set (a signal:
+    checked every 0.1 s); returns how many arrived."""
     seen = 0
     deadline = time.monotonic() + timeout_s
-    while seen < count:
+    while seen < count and not (stop is not None and stop.is_set()):
         remaining_ms = int((deadline - time.monotonic()) * 1000)
-        if remaining_ms <= 0 or not socket.poll(remaining_ms, zmq.POLLIN):
+        if remaining_ms <= 0:
             break
+        if not socket.poll(min(remaining_ms, 100), zmq.POLLIN):
+            continue
         message = socket.recv()
         if message[:1] == b"\x01":
             seen += 1
@@ -172,15 +181,12 @@ class PublishStage(Stage):
             # None: an earlier stage already chose the frames (only those carry an image)
             self.preview_gate = preview_gate
             self.previews_sent = 0
+        self.subscriptions = 0  # subscription notices received (duplicates too: XPUB_VERBOSE)
 
-    def _send(self, topic: bytes, header: dict, *payload: bytes, reason: str = "send_full") -> bool:
-        try:
-            self.socket.send_multipart([topic, json.dumps(header, separators=(",", ":")).encode(), *payload],
-                                       flags=zmq.NOBLOCK)
-            return True
-        except zmq.Again:
-            self.metrics.drop(reason)
-            return False
+    def _send(self, topic: bytes, header: dict, *payload: bytes) -> None:
+        # never blocks: a full subscriber queue drops this message for that subscriber only (see above)
+        self.socket.send_multipart([topic, json.dumps(header, separators=(",", ":")).encode(), *payload],
+                                   flags=zmq.NOBLOCK)
 
     def _send_preview(self, frame: Frame) -> None:
         image, frame.image = frame.image, None  # the pipeline keeps no decoded image past this point
@@ -189,26 +195,28 @@ class PublishStage(Stage):
             return
         header, jpeg = encode_preview(frame, image, self.preview, self.preview_seq[camera])
         self.preview_seq[camera] += 1
-        if self._send(self.preview_topics[camera], header, jpeg, reason="preview_send_full"):
-            self.previews_sent += 1
+        self._send(self.preview_topics[camera], header, jpeg)
+        self.previews_sent += 1
 
     def process(self, frame: Frame) -> None:
         frame.mark("publish")
         message = to_message(frame, self.labels, self.seq[frame.camera])
         self.seq[frame.camera] += 1
-        if self._send(self.topics[frame.camera], message):
-            self.metrics.items_out += 1
-            self.metrics.frames_out += 1
+        self._send(self.topics[frame.camera], message)
+        self.metrics.items_out += 1
+        self.metrics.frames_out += 1
         if self.preview is not None:
             self._send_preview(frame)  # after the detections, so a viewer usually has them first
+        self._drain_subscriptions()  # under load too: a busy publisher is never idle
 
     def on_idle(self) -> None:
         self._drain_subscriptions()
 
     def _drain_subscriptions(self) -> None:
-        # XPUB queues subscription notices; read them so they never pile up
-        while self.socket.poll(0, zmq.POLLIN):
-            self.socket.recv()
+        # XPUB queues every subscription notice (in a queue with no bound); read them so they never pile up
+        while self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if self.socket.recv()[:1] == b"\x01":
+                self.subscriptions += 1
 
     def flush(self) -> None:
         # "reason" tells a complete stream ("eof") from one that was stopped or cut off by a failure

@@ -24,7 +24,7 @@ import numpy as np
 
 from pipeline.config import CameraConfig
 from pipeline.errors import ConfigError, SourceError
-from pipeline.queues import BoundedQueue
+from pipeline.queues import Aborted, BoundedQueue
 from pipeline.record import Frame
 from pipeline.stage import Stage
 
@@ -188,7 +188,7 @@ class SourceStage(Stage):
                 ended = self._decode(container)
             finally:
                 container.close()
-            if self.stop_event.is_set():
+            if self.stop_event.is_set() or self.outbox.closed:
                 break
             if self.camera.loop and self.camera.is_file and self.next_index > frames_before:
                 continue  # a looped file (live or not) starts over at once
@@ -259,7 +259,7 @@ class SourceStage(Stage):
     def _decode(self, container) -> str:
         """Emit frames until the stream ends, stalls, fails or the run stops; say which."""
         stream = container.streams.video[0]
-        self._pace_start = None  # (wall clock, pts) at the first paced packet
+        self._pace_start = None  # (monotonic clock, pts) at the first paced packet
         self._next_pass_due = None
         last_paced: tuple[float, float] | None = None  # (seconds, duration) of the last paced packet
         paced = self.camera.realtime and self.camera.is_file
@@ -296,7 +296,7 @@ class SourceStage(Stage):
                 seconds = float(stamp * packet.time_base)
                 last_paced = (seconds, self._frame_duration(packet, stream))
                 due = self._due(seconds)
-                wait = due - time.time()
+                wait = due - time.monotonic()
                 if wait > 0:
                     self.stop_event.wait(wait)
             started = time.perf_counter()
@@ -318,8 +318,9 @@ class SourceStage(Stage):
                     return "stopped"
                 pts = float(av_frame.time) if av_frame.time is not None else None
                 # a paced file's frame was "captured" when its packet was due: decode time counts as latency
-                now = time.time()
-                captured = min(self._due(pts), now) if paced and pts is not None else now
+                now = time.time()  # capture time is wall clock (messages carry it); pacing is monotonic
+                late = time.monotonic() - self._due(pts) if paced and pts is not None else 0.0
+                captured = now - max(0.0, late)
                 if self.keep_video:
                     image, video = None, av_frame
                 else:
@@ -338,15 +339,18 @@ class SourceStage(Stage):
                 self.metrics.record_latency(time.perf_counter() - started)
                 frame.mark("source")
                 self.emit(frame)
+                if self.outbox.closed:  # the run is stopping (the pipeline closed this camera's queue)
+                    return "stopped"
                 self._on_frames_flowing()
                 started = time.perf_counter()  # the next frame's cost starts after this one left
         return "stopped"
 
     def _due(self, pts: float) -> float:
-        """Wall-clock time at which a paced file's timestamp `pts` is due (the first one: now, or,
-        in a loop, one frame after the previous pass's last)."""
+        """Monotonic time at which a paced file's timestamp `pts` is due (the first one: now, or, in a
+        loop, one frame after the previous pass's last). Not the wall clock: an NTP step would freeze
+        the camera (backwards) or burst it (forwards)."""
         if self._pace_start is None:
-            self._pace_start = (self._next_pass_due or time.time(), pts)
+            self._pace_start = (self._next_pass_due or time.monotonic(), pts)
         return self._pace_start[0] + (pts - self._pace_start[1])
 
     @staticmethod
@@ -377,10 +381,10 @@ class SourceStage(Stage):
                         "(truncated or damaged file)", self.camera.id, self.safe_url, decoded, declared, missing)
 
     def emit(self, frame: Frame) -> None:
-        accepted = self.metrics.items_out
-        super().emit(frame)
-        if self.metrics.items_out == accepted:  # refused by a queue closed for shutdown: still counted
-            self.metrics.drop("stopped")
+        try:
+            super().emit(frame)
+        except Aborted:
+            pass  # refused by a queue closed for shutdown: counted as `stopped`; the decode loop ends
 
     def snapshot(self) -> dict:
         """Per-camera statistics: state, reconnects, frames, drops (by reason) and retry state."""

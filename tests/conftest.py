@@ -78,20 +78,25 @@ def run_cli(*args: str, timeout: float = 240, env: dict | None = None) -> subpro
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
-def start_cli(*args: str, env: dict | None = None) -> subprocess.Popen:
+def start_cli(*args: str, env: dict | None = None, own_group: bool = False) -> subprocess.Popen:
+    """The CLI in a subprocess; `own_group`: in a process group of its own, as a shell starts a job
+    (so that a test can signal the whole group, as the terminal's Ctrl-C does)."""
     return subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
+                            process_group=0 if own_group else None)
 
 
 class Subscriber:
     """A real ZeroMQ SUB socket collecting decoded headers per topic."""
 
-    def __init__(self, endpoint: str, topics: list[bytes]):
+    def __init__(self, endpoint: str, topics: list[bytes], hwm: int = 100000, rcvbuf: int | None = None):
         import zmq
 
         self.zmq = zmq
         self.socket = zmq.Context.instance().socket(zmq.SUB)
-        self.socket.setsockopt(zmq.RCVHWM, 100000)
+        self.socket.setsockopt(zmq.RCVHWM, hwm)
+        if rcvbuf is not None:  # a small kernel buffer: a subscriber that stops reading is really behind
+            self.socket.setsockopt(zmq.RCVBUF, rcvbuf)
         for topic in topics:
             self.socket.setsockopt(zmq.SUBSCRIBE, topic)
         self.socket.connect(endpoint)

@@ -33,6 +33,23 @@ def test_gpu_modules_import_without_cuda():
         importlib.import_module(name)
 
 
+@pytest.mark.parametrize("width,height", [(768, 432), (641, 479), (3, 2), (1, 1), (1919, 1081)])
+def test_i420_upload_layout_keeps_the_last_chroma_column_of_odd_frames(width, height):
+    """The GPU letterbox's upload packs a CPU-decoded frame's planes as FFmpeg sizes them (chroma is
+    ceil(w/2) x ceil(h/2)) and the kernel reads chroma at that pitch; runs without a GPU."""
+    import av
+
+    from pipeline.gpu_letterbox import i420_layout
+
+    offsets, sizes = i420_layout(width, height)
+    frame = av.VideoFrame(width, height, "yuv420p")
+    assert sizes == tuple((plane.width, plane.height) for plane in frame.planes)
+    ends = [offset + w * h for offset, (w, h) in zip(offsets, sizes)]
+    assert offsets[0] == 0 and ends[0] == offsets[1] and ends[1] == offsets[2]  # packed, no overlap
+    # the kernel's chroma size for this frame (`(src_w + 1) / 2`): every column it samples was uploaded
+    assert sizes[1] == ((width + 1) // 2, (height + 1) // 2)
+
+
 def test_tensorrt_missing_is_one_clear_line(tmp_path):
     try:
         import tensorrt  # noqa: F401
@@ -202,6 +219,42 @@ def test_gpu_letterbox_kernel_matches_its_reference(decoder):
             assert (host[:geo.pad_y] == 114).all() and (host[geo.pad_y + geo.resized_h:] == 114).all()
     out.free()
     stream.destroy()
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_letterbox_upload_of_an_odd_sized_frame_matches_its_reference():
+    """A CPU-decoded frame with odd width and height goes through the stage's own upload: its last
+    chroma column and row are read from where they are (the numpy twin reads the same planes)."""
+    import av
+
+    from pipeline import cuda
+    from pipeline.buffers import HostSlotPool
+    from pipeline.gpu_letterbox import cpu_reference, frame_matrix
+    from pipeline.model import PRESETS
+    from pipeline.queues import BoundedQueue
+    from stages.letterbox import GpuLetterboxStage, letterbox_geometry
+
+    cuda.set_device(0)
+    with av.open(str(PERSON_CLIP)) as clip:
+        frame = next(clip.decode(video=0)).reformat(width=641, height=359, format="yuv420p")
+    allocator = cuda.DeviceAllocator()
+    pool = HostSlotPool(1, (1, 416, 416, 3), allocator=allocator)
+    stage = GpuLetterboxStage(BoundedQueue(1), BoundedQueue(1), pool, PRESETS["yolox"], 0)
+    matrix, full = frame_matrix(frame)
+    planes = stage._upload(frame, 0, matrix, full)
+    slot = pool.acquire()
+    geo = letterbox_geometry(641, 359, 416, 416, "top-left")
+    stage.letterboxer.launch(planes, slot.array.row_ptr(0), geo, stage.stream)
+    stage.stream.synchronize()
+    host = np.empty((416, 416, 3), np.uint8)
+    cuda.copy_2d_to_host(host, slot.array.row_ptr(0), 416 * 3, 416 * 3, 416)
+    y, u, v = (np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, :p.width] for p in frame.planes)
+    expected = cpu_reference(y, u, v, (416, 416), geo, matrix, full)
+    diff = np.abs(host.astype(int) - expected.astype(int))
+    assert diff.max() <= 2 and diff.mean() < 0.05, f"max {diff.max()}, mean {diff.mean():.3f}"
+    stage.on_stop()
+    allocator.free()
 
 
 @pytest.mark.gpu

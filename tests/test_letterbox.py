@@ -1,5 +1,7 @@
 """Letterbox geometry and pixels, for both alignments and awkward sizes."""
 
+import time
+
 import cv2
 import numpy as np
 import pytest
@@ -78,3 +80,25 @@ def test_threaded_stage_writes_the_same_rows_as_one_thread():
         results.append((batch.slot.array.copy(), [f.letterbox for f in batch.frames]))
         assert all(f.image is None for f in batch.frames)
     assert np.array_equal(results[0][0], results[1][0]) and results[0][1] == results[1][1]
+
+
+def test_a_closed_slot_pool_stops_the_stage_instead_of_spinning():
+    """Past the shutdown deadline the run closes the slot pool: a letterbox stage waiting for a slot
+    must end (its batch counted as stopped), not retry a pool that answers at once forever."""
+    from pipeline.buffers import HostSlotPool
+    from pipeline.model import PRESETS
+    from pipeline.queues import BoundedQueue
+    from pipeline.record import Frame, FrameBatch
+    from stages.letterbox import LetterboxStage
+
+    pool = HostSlotPool(1, (1, 32, 32, 3))
+    held = pool.acquire()  # every slot in flight
+    inbox, outbox = BoundedQueue(4), BoundedQueue(4)
+    stage = LetterboxStage(inbox, outbox, pool, PRESETS["yolox"])
+    inbox.put(FrameBatch([Frame("cam", 0, 0.0, 0.0, np.zeros((48, 64, 3), np.uint8), (64, 48))]))
+    stage.start()
+    time.sleep(0.2)  # let it start waiting for a slot (not the verdict: the join below is)
+    pool.close()
+    assert stage.join(timeout=10), "the letterbox stage is still running (spinning on the closed pool)"
+    assert stage.metrics.drops["stopped"] == 1 and stage.failure is None
+    assert held is not None and outbox.closed

@@ -4,10 +4,12 @@ timestamps start over), and capture time is when each frame was due, so latency 
 """
 
 import json
+import threading
 import time
 from fractions import Fraction
 
 import av
+import pytest
 
 from conftest import PERSON_CLIP, Subscriber, engine_fps, make_config, start_cli
 
@@ -68,3 +70,33 @@ def test_a_paced_looping_file_plays_like_a_camera(tmp_path):
     assert sum(1 for a, b in zip(pts, pts[1:]) if b < a) >= 2, "timestamps start over at each loop"
     latencies = sorted(m["latency_ms"]["total"] for m in frames)
     assert latencies[0] >= 0 and latencies[len(latencies) // 2] < 500
+
+
+@pytest.mark.parametrize("step_s", [3600.0, -3600.0])
+def test_pacing_ignores_a_wall_clock_step(tmp_path, monkeypatch, step_s):
+    """An NTP step of the wall clock right after the first packet neither bursts a paced file
+    (forwards) nor freezes it (backwards): pacing runs on the monotonic clock."""
+    import types
+
+    from pipeline.config import CameraConfig
+    from pipeline.queues import BoundedQueue
+    from stages import source as source_module
+
+    fps = frames = 20
+    clip = _short_clip(tmp_path / "short.mp4", fps)  # 20 frames at 20 fps: one second paced
+    calls = []
+
+    def stepped_wall_clock() -> float:
+        calls.append(1)
+        return time.time() + (step_s if len(calls) > 1 else 0.0)
+
+    monkeypatch.setattr(source_module, "time", types.SimpleNamespace(
+        time=stepped_wall_clock, monotonic=time.monotonic, perf_counter=time.perf_counter, sleep=time.sleep))
+    queue = BoundedQueue(100)
+    stage = source_module.SourceStage(CameraConfig(id="cam", url=str(clip), realtime=True), queue, threading.Event())
+    started = time.monotonic()
+    stage.start()
+    assert stage.join(timeout=60), "frozen: the paced file waits for the wall clock to come back"
+    took = time.monotonic() - started
+    assert len(queue) == frames
+    assert took >= 0.7 * (frames - 1) / fps, f"{frames} frames in {took:.2f} s: a burst, not paced"

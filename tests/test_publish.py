@@ -16,7 +16,8 @@ def test_camera_topics_do_not_collide_by_prefix(tmp_path, short_clips):
     try:
         everything_msgs = everything.collect(lambda ms: sum(m["type"] == "end" for _, m in ms) == 2, timeout=240)
         cam1_msgs = only_cam1.collect(lambda ms: ms[-1][1]["type"] == "end", timeout=30)
-        assert pipeline.wait(timeout=60) == 0
+        _out, err = pipeline.communicate(timeout=60)  # reads its log as it exits: a full pipe would block it
+        assert pipeline.returncode == 0, err[-2000:]
     finally:
         pipeline.kill()
         only_cam1.close(), everything.close()
@@ -36,7 +37,7 @@ def test_subscribe_command_prints_messages(tmp_path):
                                 capture_output=True, text=True, timeout=120)
     finally:
         pipeline.terminate()
-        pipeline.wait(timeout=10)
+        pipeline.communicate(timeout=60)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 5 and all(line.startswith("door frame=") for line in lines)
