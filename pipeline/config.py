@@ -33,9 +33,11 @@ class TrackingConfig(_Strict):
     """ByteTrack's settings (names as in Ultralytics' tracker YAML); `pipeline/tracking.py`."""
 
     enabled: bool = False
-    track_high_thresh: Annotated[float, Field(ge=0, le=1)] = 0.5  # first association
+    # Ultralytics' bytetrack.yaml defaults; detections below model.conf_threshold never reach the
+    # tracker, so the low-score association needs conf_threshold lowered to track_low_thresh
+    track_high_thresh: Annotated[float, Field(ge=0, le=1)] = 0.25  # first association
     track_low_thresh: Annotated[float, Field(ge=0, le=1)] = 0.1  # second association (down to this score)
-    new_track_thresh: Annotated[float, Field(ge=0, le=1)] = 0.6  # an unmatched detection starts a track
+    new_track_thresh: Annotated[float, Field(ge=0, le=1)] = 0.25  # an unmatched detection starts a track
     match_thresh: Annotated[float, Field(gt=0, le=1)] = 0.8  # largest 1 - IoU (x score) of a match
     # a lost track is kept this long for a detection to come back (seconds: cameras differ in fps)
     lost_track_buffer_s: Annotated[float, Field(gt=0, le=3600)] = 1.0

@@ -14,8 +14,9 @@ et al. 2022, as in its reference code and Ultralytics' `BYTETracker`):
    `lost_track_buffer_s` end.
 
 Differences on purpose: time is the frames' timestamps, not a frame counter, so a frame dropped by a
-live queue is a longer prediction step, not a broken track (the motion model is ByteTrack's, with
-its per-frame noise taken as the noise of 1/30 s and scaled with the elapsed time); association is
+live queue is a longer prediction step, not a broken track. The motion model is ByteTrack's per
+frame at the camera's usual frame interval (the median of recent intervals, so it suits 10 and
+60 fps alike), and a gap of n intervals is one step of n frames (noise scaled with time); association is
 per class (a person never takes over a car's id); a track gets its public id when it is confirmed,
 from a counter that never goes back, so ids are never reused within a run. State is kept in numpy
 arrays, one row a track, so the cost grows little with the number of objects.
@@ -29,12 +30,11 @@ from scipy.optimize import linear_sum_assignment
 from pipeline.record import Detections
 
 TRACKED, LOST, NEW = 0, 1, 2
-NOMINAL_FPS = 30.0  # ByteTrack's noise model is per frame; here it is the noise of 1/30 s
+POS, VEL, PP, PV, VV = range(5)
+_DT_WINDOW = 31  # the camera's frame interval is the median of this many recent intervals
 _WP, _WV = 1.0 / 20, 1.0 / 160  # ByteTrack's position and velocity noise weights (relative to height)
-_BIG = 1e6
 # the aspect ratio (third coordinate) has fixed noise in ByteTrack; x, y and height scale with height
 _MASK_POS = np.array([1.0, 1.0, 0.0, 1.0])
-_MASK_VEL = _MASK_POS
 _FIXED_POS = 1.0 - _MASK_POS
 
 
@@ -61,9 +61,15 @@ def _xyxy(xyah: np.ndarray) -> np.ndarray:
 
 
 def _match(cost: np.ndarray, thresh: float) -> tuple[np.ndarray, np.ndarray]:
-    """Minimum-cost assignment keeping pairs with cost <= thresh: (rows, cols)."""
+    """Minimum-cost assignment of pairs with cost <= thresh: (rows, cols).
+
+    Costs above `thresh` are clipped to just above it, so every pair that cannot match costs the same
+    as leaving its two ends unmatched: the solver then never moves a good match to lower the cost of
+    pairs that are dropped anyway (ByteTrack's `lap.lapjv(cost_limit=thresh)` semantics, with scipy).
+    """
     if cost.size == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    cost = np.minimum(cost, thresh + 1e-4)
     rows, cols = linear_sum_assignment(cost)
     keep = cost[rows, cols] <= thresh
     return rows[keep], cols[keep]
@@ -72,7 +78,7 @@ def _match(cost: np.ndarray, thresh: float) -> tuple[np.ndarray, np.ndarray]:
 class ByteTracker:
     """One camera's tracker. Not thread-safe: one stage thread calls it, frames in time order."""
 
-    def __init__(self, track_high_thresh: float = 0.5, track_low_thresh: float = 0.1, new_track_thresh: float = 0.6,
+    def __init__(self, track_high_thresh: float = 0.25, track_low_thresh: float = 0.1, new_track_thresh: float = 0.25,
                  match_thresh: float = 0.8, lost_track_buffer_s: float = 1.0, fuse_score: bool = True,
                  classes: list[int] | None = None):
         self.high, self.low, self.new = track_high_thresh, track_low_thresh, new_track_thresh
@@ -81,6 +87,9 @@ class ByteTracker:
         self.next_id = 1
         self.last_time: float | None = None
         self.updates = 0
+        self._dts = np.zeros(_DT_WINDOW)
+        self._dt_count = 0
+        self.frame_dt = 1.0  # seconds; estimated from the timestamps
         self.ended: list[int] = []  # public ids of the confirmed tracks that ended in the last update
         self._clear()
 
@@ -94,11 +103,10 @@ class ByteTracker:
         self.ids = np.zeros(0, np.int64)  # public id, -1 until confirmed
         self.state = np.zeros(0, np.int8)
         self.class_ids = np.zeros(0, np.int32)
-        self.pos = np.zeros((0, 4))  # Kalman mean: cx, cy, aspect (w/h), height
-        self.vel = np.zeros((0, 4))  # and their velocities, per 1/30 s
-        self.pp = np.zeros((0, 4))  # covariance per coordinate: position, position x velocity, velocity
-        self.pv = np.zeros((0, 4))
-        self.vv = np.zeros((0, 4))
+        # the Kalman state, one [5, 4] block a track (one gather and one scatter per correction):
+        # POS mean cx, cy, aspect (w/h), height; VEL their velocities, per frame interval; PP, PV, VV
+        # the covariance of each coordinate: position, position x velocity, velocity
+        self.kf = np.zeros((0, 5, 4))
         self.start = np.zeros(0)  # time of the first detection
         self.seen = np.zeros(0)  # time of the last matched detection
 
@@ -110,33 +118,39 @@ class ByteTracker:
     # own velocity, and starts from a diagonal covariance: its 8x8 covariance is four independent 2x2
     # blocks. Keeping just those (pp, pv, vv per coordinate) gives the same numbers with elementwise
     # arithmetic instead of batched 8x8 matrix products.
+    @property
+    def pos(self) -> np.ndarray:
+        return self.kf[:, POS]
+
     def _predict(self, dt: float) -> None:
         if not len(self.state) or dt <= 0:
             return
-        k = dt * NOMINAL_FPS
-        self.vel[self.state != TRACKED, 3] = 0.0  # ByteTrack: a track not seen keeps no height velocity
-        h = self.pos[:, 3:4]
-        q_pos = (_WP * h * _MASK_POS + _FIXED_POS * 1e-2) ** 2  # noise of one 1/30 s step; a random walk's variance grows with time
-        q_vel = (_WV * h * _MASK_VEL + _FIXED_POS * 1e-5) ** 2
-        self.pos += k * self.vel
-        self.pp += 2 * k * self.pv + k * k * self.vv + k * q_pos
-        self.pv += k * self.vv
-        self.vv += k * q_vel
+        k = dt / self.frame_dt  # in frames
+        kf = self.kf
+        kf[self.state != TRACKED, VEL, 3] = 0.0  # ByteTrack: a track not seen keeps no height velocity
+        h = kf[:, POS, 3:4]
+        q_pos = (_WP * h * _MASK_POS + _FIXED_POS * 1e-2) ** 2  # noise of one frame: a random walk's variance grows with time
+        q_vel = (_WV * h * _MASK_POS + _FIXED_POS * 1e-5) ** 2
+        kf[:, POS] += k * kf[:, VEL]
+        kf[:, PP] += 2 * k * kf[:, PV] + k * k * kf[:, VV] + k * q_pos
+        kf[:, PV] += k * kf[:, VV]
+        kf[:, VV] += k * q_vel
 
     def _correct(self, rows: np.ndarray, xyxy: np.ndarray) -> None:
         if not len(rows):
             return
-        z = _xyah(xyxy)
-        pos, pp, pv = self.pos[rows], self.pp[rows], self.pv[rows]
+        block = self.kf[rows]
+        pos, vel, pp, pv, vv = block[:, POS], block[:, VEL], block[:, PP], block[:, PV], block[:, VV]
         r = (_WP * pos[:, 3:4] * _MASK_POS + _FIXED_POS * 1e-1) ** 2
         s = pp + r
         gain_p, gain_v = pp / s, pv / s
-        innovation = z - pos
-        self.pos[rows] = pos + gain_p * innovation
-        self.vel[rows] += gain_v * innovation
-        self.pp[rows] = pp * (1 - gain_p)
-        self.vv[rows] -= pv * pv / s
-        self.pv[rows] = pv * (1 - gain_p)
+        innovation = _xyah(xyxy) - pos
+        vv -= pv * gain_v
+        pos += gain_p * innovation
+        vel += gain_v * innovation
+        pp *= 1 - gain_p
+        pv *= 1 - gain_p
+        self.kf[rows] = block
 
     def _add(self, xyxy: np.ndarray, class_ids: np.ndarray, t: float, state: int) -> np.ndarray:
         """Start tracks at these boxes; returns their rows."""
@@ -144,7 +158,7 @@ class ByteTracker:
         z = _xyah(xyxy)
         h = z[:, 3:4]
         pp = (2 * _WP * h * _MASK_POS + _FIXED_POS * 1e-2) ** 2
-        vv = (10 * _WV * h * _MASK_VEL + _FIXED_POS * 1e-5) ** 2
+        vv = (10 * _WV * h * _MASK_POS + _FIXED_POS * 1e-5) ** 2
         first = len(self.state)
         ids = np.full(n, -1, np.int64)
         if state == TRACKED:
@@ -153,36 +167,48 @@ class ByteTracker:
         self.ids = np.concatenate((self.ids, ids))
         self.state = np.concatenate((self.state, np.full(n, state, np.int8)))
         self.class_ids = np.concatenate((self.class_ids, class_ids.astype(np.int32)))
-        self.pos = np.concatenate((self.pos, z))
-        self.vel = np.concatenate((self.vel, np.zeros((n, 4))))
-        self.pp = np.concatenate((self.pp, pp))
-        self.pv = np.concatenate((self.pv, np.zeros((n, 4))))
-        self.vv = np.concatenate((self.vv, vv))
+        block = np.zeros((n, 5, 4))
+        block[:, POS], block[:, PP], block[:, VV] = z, pp, vv
+        self.kf = np.concatenate((self.kf, block))
         self.start = np.concatenate((self.start, np.full(n, t)))
         self.seen = np.concatenate((self.seen, np.full(n, t)))
         return np.arange(first, first + n)
 
     def _keep(self, mask: np.ndarray) -> None:
-        for name in ("ids", "state", "class_ids", "pos", "vel", "pp", "pv", "vv", "start", "seen"):
+        for name in ("ids", "state", "class_ids", "kf", "start", "seen"):
             setattr(self, name, getattr(self, name)[mask])
 
-    def _associate(self, tracks: np.ndarray, dets: np.ndarray, boxes: np.ndarray, track_boxes: np.ndarray,
-                   scores: np.ndarray, class_ids: np.ndarray, thresh: float, fuse: bool):
-        """Match track rows `tracks` with detection indices `dets`: (track rows, det indices) matched,
-        and the unmatched of each."""
+    @staticmethod
+    def _associate(tracks: np.ndarray, dets: np.ndarray, similarity: np.ndarray, scores: np.ndarray, thresh: float,
+                   fuse: bool):
+        """Match track rows `tracks` with detection indices `dets` (`similarity`: IoU of every track with
+        every detection, 0 across classes): (track rows, det indices) matched, and the unmatched of each."""
         if not len(tracks) or not len(dets):
             return tracks[:0], dets[:0], tracks, dets
-        sim = iou_matrix(track_boxes[tracks], boxes[dets])
+        sim = similarity[tracks][:, dets]
         if fuse:
-            sim = sim * scores[dets][None, :]
-        cost = 1.0 - sim
-        cost[self.class_ids[tracks][:, None] != class_ids[dets][None, :]] = _BIG
-        r, c = _match(cost, thresh)
+            sim = sim * scores[dets]
+        r, c = _match(1.0 - sim, thresh)
         rest_t = np.ones(len(tracks), bool)
         rest_t[r] = False
         rest_d = np.ones(len(dets), bool)
         rest_d[c] = False
         return tracks[r], dets[c], tracks[rest_t], dets[rest_d]
+
+    def _drop_duplicates(self, alive: np.ndarray) -> None:
+        """ByteTrack's last step: a current track and a lost one of the same class on the same place
+        (IoU > 0.85) are one object twice; the one followed for less time goes."""
+        current = np.flatnonzero(alive & (self.state != LOST))
+        lost = np.flatnonzero(alive & (self.state == LOST))
+        if not len(current) or not len(lost):
+            return
+        boxes = _xyxy(self.pos)
+        same = self.class_ids[current][:, None] == self.class_ids[lost][None, :]
+        pairs = np.argwhere((iou_matrix(boxes[current], boxes[lost]) > 0.85) & same)
+        followed = self.seen - self.start
+        for i, j in pairs:
+            a, b = current[i], lost[j]
+            alive[b if followed[a] > followed[b] else a] = False
 
     # -- the update ---------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -190,6 +216,7 @@ class ByteTracker:
         self.ended = [int(i) for i in self.ids[self.ids >= 0]]
         self._clear()
         self.last_time = None
+        self.updates = 0  # like a fresh start: the next frame's tracks are confirmed at once
 
     def update(self, detections: Detections, timestamp: float) -> Detections:
         """Track one frame's detections (source pixels) taken at `timestamp` (seconds, any origin, increasing).
@@ -204,7 +231,13 @@ class ByteTracker:
             ended = self.ended
         else:
             ended = []
-        self._predict(0.0 if self.last_time is None else t - self.last_time)
+        dt = 0.0 if self.last_time is None else t - self.last_time
+        if dt > 0:
+            self._dts[self._dt_count % _DT_WINDOW] = dt
+            self._dt_count += 1
+            if self._dt_count <= _DT_WINDOW or self._dt_count % 16 == 0:  # a median now and then is enough
+                self.frame_dt = float(np.median(self._dts[:min(self._dt_count, _DT_WINDOW)]))
+        self._predict(dt)
         self.last_time = t
 
         boxes = np.asarray(detections.xyxy, np.float64).reshape(-1, 4)
@@ -216,22 +249,24 @@ class ByteTracker:
         low = np.flatnonzero(eligible & (scores >= self.low) & (scores < self.high))
         det_row = np.full(n, -1, np.int64)  # the track row each detection went to
 
-        track_boxes = _xyxy(self.pos) if len(self.state) else np.zeros((0, 4))
+        # one IoU matrix for the whole frame; a track never matches a detection of another class
+        similarity = iou_matrix(_xyxy(self.pos), boxes) if len(self.state) and n else np.zeros((len(self.state), n))
+        similarity[self.class_ids[:, None] != class_ids[None, :]] = 0.0
         rows = np.arange(len(self.state))
         was_tracked = self.state == TRACKED
         # 1. high-score detections with confirmed and lost tracks
         pool = rows[self.state != NEW]
-        mt, md, rest_t, rest_high = self._associate(pool, high, boxes, track_boxes, scores, class_ids,
-                                                    self.match_thresh, self.fuse_score)
+        mt, md, rest_t, rest_high = self._associate(pool, high, similarity, scores, self.match_thresh,
+                                                    self.fuse_score)
         det_row[md] = mt
         # 2. low-score detections with the confirmed tracks still unmatched
         rest_tracked = rest_t[was_tracked[rest_t]]
-        mt2, md2, unmatched, _ = self._associate(rest_tracked, low, boxes, track_boxes, scores, class_ids, 0.5, False)
+        mt2, md2, unmatched, _ = self._associate(rest_tracked, low, similarity, scores, 0.5, False)
         det_row[md2] = mt2
         # 3. tracks seen once so far with the high-score detections left
         unconfirmed = rows[self.state == NEW]
-        mt3, md3, dead_new, rest_high = self._associate(unconfirmed, rest_high, boxes, track_boxes, scores, class_ids,
-                                                        0.7, self.fuse_score)
+        mt3, md3, dead_new, rest_high = self._associate(unconfirmed, rest_high, similarity, scores, 0.7,
+                                                        self.fuse_score)
         det_row[md3] = mt3
 
         matched = np.concatenate((mt, mt2, mt3))
@@ -253,6 +288,7 @@ class ByteTracker:
         alive = np.ones(len(self.state), bool)
         alive[dead_new] = False
         alive &= ~((self.state == LOST) & (t - self.seen > self.buffer_s))
+        self._drop_duplicates(alive)
         ended += [int(i) for i in self.ids[~alive & (self.ids >= 0)]]
         self.ended = ended
 

@@ -60,6 +60,15 @@ def test_a_new_object_is_confirmed_on_its_second_frame():
     assert first == [1, -1] and second == [1, 2]
 
 
+def test_the_frame_interval_is_learnt_from_the_timestamps():
+    a = walker(0, 100, 40, 0)
+    tracker = ByteTracker()
+    for i in range(40):
+        if i % 10 != 5:  # a frame in ten dropped
+            tracker.update(dets(a(i / 12.5)), i / 12.5)
+    assert tracker.frame_dt == pytest.approx(1 / 12.5)
+
+
 def test_dropped_frames_do_not_break_a_fast_track_because_time_is_the_timestamps():
     # 400 px/s: after a 0.4 s gap the box has moved 160 px (four widths): only the motion model,
     # stepped by the elapsed time, brings the prediction back onto it
@@ -112,11 +121,11 @@ def test_low_score_detections_keep_a_track_but_never_start_one():
     a = walker(0, 100, 60, 0)
     tracker = ByteTracker()
     frames = [(i / FPS, dets(a(i / FPS, score=0.9))) for i in range(10)]
-    frames += [(i / FPS, dets(a(i / FPS, score=0.2))) for i in range(10, 30)]  # partly occluded: low scores
+    frames += [(i / FPS, dets(a(i / FPS, score=0.15))) for i in range(10, 30)]  # partly occluded: low scores
     ids = run(tracker, frames)
     assert all(frame == [1] for frame in ids)
     alone = ByteTracker()
-    ids = run(alone, [(i / FPS, dets(a(i / FPS, score=0.3))) for i in range(10)])
+    ids = run(alone, [(i / FPS, dets(a(i / FPS, score=0.2))) for i in range(10)])
     assert all(frame == [-1] for frame in ids)
 
 
