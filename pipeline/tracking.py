@@ -244,9 +244,10 @@ class ByteTracker:
         scores = np.asarray(detections.scores, np.float64)
         class_ids = np.asarray(detections.class_ids, np.int32)
         n = len(scores)
-        eligible = np.ones(n, bool) if self.classes is None else np.isin(class_ids, self.classes)
-        high = np.flatnonzero(eligible & (scores >= self.high))
-        low = np.flatnonzero(eligible & (scores >= self.low) & (scores < self.high))
+        if self.classes is not None:
+            scores = np.where(np.isin(class_ids, self.classes), scores, -1.0)  # other classes: below every threshold
+        high = np.flatnonzero(scores >= self.high)
+        low = np.flatnonzero((scores >= self.low) & (scores < self.high))
         det_row = np.full(n, -1, np.int64)  # the track row each detection went to
 
         # one IoU matrix for the whole frame; a track never matches a detection of another class
@@ -289,7 +290,9 @@ class ByteTracker:
         alive[dead_new] = False
         alive &= ~((self.state == LOST) & (t - self.seen > self.buffer_s))
         self._drop_duplicates(alive)
-        ended += [int(i) for i in self.ids[~alive & (self.ids >= 0)]]
+        everyone = alive.all()
+        if not everyone:
+            ended += [int(i) for i in self.ids[~alive & (self.ids >= 0)]]
         self.ended = ended
 
         track_ids = np.full(n, -1, np.int64)
@@ -300,6 +303,6 @@ class ByteTracker:
         ids_here = np.where(ok, self.ids[rows_of], -1)
         track_ids[has] = ids_here
         ages[has] = np.where(ids_here >= 0, t - self.start[rows_of], 0.0)
-        if not alive.all():
+        if not everyone:
             self._keep(alive)
         return Detections(detections.xyxy, detections.scores, detections.class_ids, track_ids, ages)
