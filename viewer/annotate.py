@@ -119,14 +119,15 @@ def draw_analytics(image: np.ndarray, analytics: dict | None, scale: float = 1.0
     side and the counts), from a message's `analytics`, in place."""
     if not analytics:
         return image
+    tags = []  # drawn after every shape, so no line crosses a label
     for name, zone in analytics.get("zones", {}).items():
         polygon = np.round(np.asarray(zone["polygon"], np.float64) * scale).astype(np.int32)
         overlay = image.copy()
         cv2.fillPoly(overlay, [polygon], ZONE_COLOR)
         cv2.addWeighted(overlay, 0.2, image, 0.8, 0, dst=image)
         cv2.polylines(image, [polygon], True, ZONE_COLOR, 2, cv2.LINE_AA)
-        top = polygon[np.argmin(polygon[:, 1])]
-        _tag(image, f"{name}: {_counts(zone.get('occupancy', {}))}", (int(top[0]), int(top[1]) - 2), ZONE_COLOR)
+        corner = polygon[np.lexsort((polygon[:, 0], polygon[:, 1]))[0]]  # top-left-most vertex
+        tags.append((f"{name}: {_counts(zone.get('occupancy', {}))}", (int(corner[0]) + 4, int(corner[1]) - 3), ZONE_COLOR))
     for name, line in analytics.get("lines", {}).items():
         a, b = (np.asarray(p, np.float64) * scale for p in line["points"])
         cv2.line(image, tuple(np.round(a).astype(int)), tuple(np.round(b).astype(int)), LINE_COLOR, 2, cv2.LINE_AA)
@@ -136,6 +137,9 @@ def draw_analytics(image: np.ndarray, analytics: dict | None, scale: float = 1.0
         middle = (a + b) / 2
         cv2.arrowedLine(image, tuple(np.round(middle).astype(int)), tuple(np.round(middle + 25 * normal).astype(int)),
                         LINE_COLOR, 2, cv2.LINE_AA, tipLength=0.35)
-        _tag(image, f"{name}  in {_counts(line.get('in', {}))}  out {_counts(line.get('out', {}))}",
-             (int(min(a[0], b[0])) + 4, int(min(a[1], b[1])) + 20), LINE_COLOR)
+        top = a if a[1] <= b[1] else b  # the label sits above the line's upper end
+        tags.append((f"{name}  in {_counts(line.get('in', {}))}  out {_counts(line.get('out', {}))}",
+                     (int(top[0]) - 30, int(top[1]) - 4), LINE_COLOR))
+    for text, org, color in tags:
+        _tag(image, text, org, color)
     return image
