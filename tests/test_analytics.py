@@ -153,3 +153,13 @@ def test_zones_and_lines_with_tracking_on_one_camera_only():
             "model": BASE["model"]}
     config = parse_config(data, "x.yaml")
     assert config.tracking_for(config.cameras[0]).enabled and not config.tracking_for(config.cameras[1]).enabled
+
+
+def test_the_tracking_example_config_loads():
+    from pathlib import Path
+
+    from pipeline.config import load_config
+
+    config = load_config(Path(__file__).resolve().parent.parent / "configs" / "tracking.yaml")
+    camera = config.cameras[0]
+    assert config.tracking_for(camera).enabled and camera.lines[0].name == "entrance" and camera.zones[0].name == "table"
