@@ -117,3 +117,28 @@ def test_a_bad_line_is_one_line_and_exit_2(tmp_path):
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "cameras[0].lines[0].points" in lines[0] and "Traceback" not in result.stderr
+
+
+def test_each_worker_tracks_its_own_cameras(tmp_path, short_clips):
+    # the same clip on two cameras in two worker processes: each camera's tracker lives in its worker,
+    # so both number their tracks from 1 and give the person the same single id
+    people, _ = short_clips
+    cameras = [{"id": "a", "url": str(people)}, {"id": "b", "url": str(people)}]
+    path, config = make_config(tmp_path, cameras, engine={"lanes": 1}, tracking={"enabled": True},
+                               publish={"wait_subscribers": 1, "wait_timeout_s": 60}, runtime={"workers": 2})
+    subscriber = Subscriber(config["publish"]["bind"], [b"det/"])
+    process = start_cli("--config", str(path))
+    try:
+        messages = subscriber.collect(lambda ms: sum(m["type"] == "end" for _, m in ms) == 2, timeout=600)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+        subscriber.close()
+    assert process.returncode == 0, err[-2000:]
+    assert "worker 0/2" in err and "worker 1/2" in err
+    tracks = {}
+    for camera in ("a", "b"):
+        detections = [m for _, m in messages if m["camera"] == camera and m["type"] == "detections"]
+        tracks[camera] = {i: f for i, f in person_tracks(detections).items() if len(f) >= 25}
+        assert len(tracks[camera]) == 1, camera  # one person walks through this cut
+    assert tracks["a"] == tracks["b"]  # same clip, same model, same tracker: same ids on the same frames
