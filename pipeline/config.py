@@ -47,6 +47,64 @@ Seconds = Annotated[float, Field(gt=0, le=MAX_SECONDS)]
 Threads = Annotated[int, Field(ge=0, le=MAX_THREADS)]
 
 
+_NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
+Point = tuple[Annotated[float, Field(ge=0)], Annotated[float, Field(ge=0)]]
+
+
+class TrackingConfig(_Strict):
+    """ByteTrack's settings (names as in Ultralytics' tracker YAML); `pipeline/tracking.py`."""
+
+    enabled: bool = False
+    # Ultralytics' bytetrack.yaml defaults; detections below model.conf_threshold never reach the
+    # tracker, so the low-score association needs conf_threshold lowered to track_low_thresh
+    track_high_thresh: Annotated[float, Field(ge=0, le=1)] = 0.25  # first association
+    track_low_thresh: Annotated[float, Field(ge=0, le=1)] = 0.1  # second association (down to this score)
+    new_track_thresh: Annotated[float, Field(ge=0, le=1)] = 0.25  # an unmatched detection starts a track
+    match_thresh: Annotated[float, Field(gt=0, le=1)] = 0.8  # largest 1 - IoU (x score) of a match
+    # a lost track is kept this long for a detection to come back (seconds: cameras differ in fps)
+    lost_track_buffer_s: Annotated[float, Field(gt=0, le=3600)] = 1.0
+    fuse_score: bool = True  # weigh IoU by the detection's score in the first association
+    classes: list[Annotated[int, Field(ge=0)]] | None = None  # track only these class ids (default: all)
+
+
+class TrackingOverride(_Strict):
+    """A camera's own tracking settings: each key given replaces the top-level `tracking` one."""
+
+    enabled: bool | None = None
+    track_high_thresh: Annotated[float, Field(ge=0, le=1)] | None = None
+    track_low_thresh: Annotated[float, Field(ge=0, le=1)] | None = None
+    new_track_thresh: Annotated[float, Field(ge=0, le=1)] | None = None
+    match_thresh: Annotated[float, Field(gt=0, le=1)] | None = None
+    lost_track_buffer_s: Annotated[float, Field(gt=0, le=3600)] | None = None
+    fuse_score: bool | None = None
+    classes: list[Annotated[int, Field(ge=0)]] | None = None
+
+
+class ZoneConfig(_Strict):
+    """A polygon in source pixels: occupancy per class each frame, enter/leave events per track."""
+
+    name: Annotated[str, Field(pattern=_NAME_PATTERN, max_length=64)]
+    polygon: Annotated[list[Point], Field(min_length=3, max_length=256)]
+    classes: list[Annotated[int, Field(ge=0)]] | None = None  # default: every tracked class
+    anchor: Literal["bottom_center", "center"] = "bottom_center"  # the point of a box that must be inside
+
+
+class LineConfig(_Strict):
+    """A counting line from `points[0]` to `points[1]` in source pixels: crossings per class and direction."""
+
+    name: Annotated[str, Field(pattern=_NAME_PATTERN, max_length=64)]
+    points: Annotated[list[Point], Field(min_length=2, max_length=2)]
+    classes: list[Annotated[int, Field(ge=0)]] | None = None
+    anchor: Literal["bottom_center", "center"] = "bottom_center"
+
+    @field_validator("points")
+    @classmethod
+    def _not_a_point(cls, points: list) -> list:
+        if tuple(points[0]) == tuple(points[1]):
+            raise ValueError("the two points of a line must differ")
+        return points
+
+
 class CameraConfig(_Strict):
     """One video source: a file path (or file:// URL), an rtsp(s):// or http(s):// URL, or a V4L2 device."""
 
@@ -66,6 +124,9 @@ class CameraConfig(_Strict):
     reconnect_cap_s: Seconds = 10.0
     stall_timeout_s: Seconds = 5.0
     live: bool | None = None  # None = decided from the URL (network and devices are live)
+    tracking: TrackingOverride | None = None  # this camera's changes to the top-level `tracking`
+    zones: list[ZoneConfig] = []  # analytics on tracks, in source pixels (need tracking)
+    lines: list[LineConfig] = []
 
     @field_validator("url")
     @classmethod
@@ -152,11 +213,14 @@ class PublishConfig(_Strict):
     wait_timeout_s: Seconds = 10.0
     topic_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] = "det"
     preview: PreviewConfig = PreviewConfig()
+    events_topic_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] = "events"  # zone and line events
 
     @model_validator(mode="after")
     def _distinct_topics(self) -> "PublishConfig":
         if self.preview.enabled and self.preview.topic_prefix == self.topic_prefix:
             raise ValueError("preview.topic_prefix must differ from topic_prefix")
+        if self.events_topic_prefix in (self.topic_prefix, self.preview.topic_prefix):
+            raise ValueError("events_topic_prefix must differ from topic_prefix and preview.topic_prefix")
         return self
 
 
@@ -186,6 +250,31 @@ class Config(_Strict):
     engine: EngineConfig = EngineConfig()
     publish: PublishConfig = PublishConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    def tracking_for(self, camera: CameraConfig) -> TrackingConfig:
+        """The top-level `tracking` with the camera's own keys on top."""
+        if camera.tracking is None:
+            return self.tracking
+        return self.tracking.model_copy(update=camera.tracking.model_dump(exclude_none=True))
+
+    @model_validator(mode="after")
+    def _analytics_need_tracking(self) -> "Config":
+        for i, camera in enumerate(self.cameras):
+            tracking = self.tracking_for(camera)
+            where = f"cameras[{i}].tracking" if camera.tracking is not None else "tracking"
+            if tracking.track_low_thresh > tracking.track_high_thresh:
+                raise ValueError(f"{where}.track_low_thresh: {tracking.track_low_thresh} is above track_high_thresh "
+                                 f"({tracking.track_high_thresh})")
+            for key in ("zones", "lines"):
+                if getattr(camera, key) and not tracking.enabled:
+                    raise ValueError(f"cameras[{i}].{key}: needs tracking (set tracking.enabled or "
+                                     f"cameras[{i}].tracking.enabled to true)")
+            names = [item.name for item in (*camera.zones, *camera.lines)]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ValueError(f"cameras[{i}]: zone/line name {twice[0]!r} is used twice")
+        return self
 
     @field_validator("cameras")
     @classmethod

@@ -1,6 +1,8 @@
 """Wires the stages into a graph from a `Config`, runs it and stops it.
 
-    source (one per camera) ─► batch ─► letterbox ─► infer ─► postprocess ─► publish
+    source (one per camera) ─► batch ─► letterbox ─► infer ─► postprocess ─► (track) ─► publish
+
+(track only when some camera has `tracking.enabled`.)
 
 Every arrow is a `BoundedQueue`. Camera queues block for files (nothing lost) and drop the
 oldest frame for live sources (latency stays bounded); the others block, so back-pressure reaches
@@ -33,6 +35,7 @@ from stages.letterbox import GpuLetterboxStage, LetterboxStage
 from stages.postprocess import PostprocessStage
 from stages.publish import PreviewGate, PublishStage, bind_publisher, bound_endpoint, wait_for_subscribers
 from stages.source import SourceStage, probe_files
+from stages.track import TrackStage, tracked_cameras
 
 log = logging.getLogger("pipeline")
 
@@ -110,10 +113,17 @@ class Pipeline:
         self.postprocess = PostprocessStage(inferred, detected, model.preset.layout, model.input_hw, model.preset.strides,
                                             config.model.conf_threshold, config.model.nms_iou, config.model.max_detections,
                                             config.model.classes)
-        self.publish = PublishStage(detected, self.socket, self.labels, config.publish.topic_prefix,
-                                    [c.id for c in config.cameras], config.publish.preview, preview_gate_at_publish,
-                                    self.end_reason)
-        self.stages = [*self.sources, self.batch, self.letterbox, self.infer, self.postprocess, self.publish]
+        tracked = tracked_cameras(config, self.labels)
+        self.track = None
+        if tracked:  # cameras without tracking pass through it; no camera tracking: no stage at all
+            self.track = TrackStage(detected, BoundedQueue(size * max(1, self.engine.max_batch), name="tracked"), tracked)
+        self.publish = PublishStage(self.track.outbox if self.track else detected, self.socket, self.labels,
+                                    config.publish.topic_prefix, [c.id for c in config.cameras], config.publish.preview,
+                                    preview_gate_at_publish, self.end_reason,
+                                    events_prefix=config.publish.events_topic_prefix,
+                                    event_cameras=[c.id for c in config.cameras if c.zones or c.lines])
+        self.stages = [*self.sources, self.batch, self.letterbox, self.infer, self.postprocess,
+                       *([self.track] if self.track else []), self.publish]
         self.status = StatusReporter([s.metrics for s in self.stages], self.publish.metrics)
 
     def start(self, stop_requested: threading.Event | None = None, subscribers: int | None = None) -> None:
@@ -250,4 +260,6 @@ class Pipeline:
         summary["subscriptions"] = self.publish.subscriptions
         if self.publish.preview is not None:
             summary["previews_sent"] = self.publish.previews_sent
+        if self.publish.event_topics:
+            summary["events_sent"] = self.publish.events_sent
         return summary

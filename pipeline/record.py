@@ -27,11 +27,13 @@ class Letterbox:
 
 @dataclass(slots=True)
 class Detections:
-    """Boxes in source pixels (x1, y1, x2, y2), one row each."""
+    """Boxes in source pixels (x1, y1, x2, y2), one row each; track ids once the track stage ran."""
 
     xyxy: np.ndarray  # float32 [n, 4]
     scores: np.ndarray  # float32 [n]
     class_ids: np.ndarray  # int32 [n]
+    track_ids: np.ndarray | None = None  # int64 [n], -1 = not part of a confirmed track; None = not tracked
+    track_ages: np.ndarray | None = None  # float32 [n], seconds since the track's first detection
 
     @classmethod
     def empty(cls) -> "Detections":
@@ -54,6 +56,10 @@ class Frame:
     # in device memory (NVDEC); released by the letterbox once its kernel has read it
     video: object | None = None
     detections: Detections | None = None
+    # set by the track stage when the camera has zones or lines: counts (published with the
+    # detections) and this frame's events (published on their own topic)
+    analytics: dict | None = None
+    events: list[dict] | None = None
     # stage name -> monotonic time the frame left that stage
     marks: dict[str, float] = field(default_factory=dict)
     born: float = field(default_factory=time.monotonic)

@@ -15,6 +15,10 @@ With `publish.preview.enabled`, a camera's frame also goes out as a JPEG preview
 `max_fps` a camera, right after that frame's detections. Encoding happens here, only for the
 frames the rate limit lets through (a few milliseconds, a few times a second), so the hot path
 stays cheap; the decoded image is dropped as soon as it has been looked at.
+
+With tracking and zones or lines on a camera, each zone or line event goes out as its own message on
+`events/<camera>/` (schema `EVENTS_SCHEMA`), after that frame's detections, sent like them
+(non-blocking; a subscriber counts its own losses from the events' `seq`).
 """
 
 from __future__ import annotations
@@ -36,8 +40,11 @@ from pipeline.stage import Stage
 
 log = logging.getLogger("pipeline")
 
-SCHEMA = "vapipe.detections/1"
+# 1.1: `track_id` and `track_age_s` on tracked detections, `analytics` (zone and line counts); both
+# only present when tracking is on, so a 1.0 reader reads 1.1 messages unchanged
+SCHEMA = "vapipe.detections/1.1"
 PREVIEW_SCHEMA = "vapipe.preview/1"
+EVENTS_SCHEMA = "vapipe.events/1"
 
 
 def topic_for(prefix: str, camera: str) -> bytes:
@@ -55,8 +62,13 @@ def to_message(frame: Frame, labels: list[str], seq: int) -> dict:
                 "score": round(score, 4),
                 "box": [round(v, 2) for v in box],
             })
+        if dets.track_ids is not None:
+            for detection, track, age in zip(detections, dets.track_ids.tolist(), dets.track_ages.tolist()):
+                if track >= 0:
+                    detection["track_id"] = track
+                    detection["track_age_s"] = round(age, 3)
     now = time.time()
-    return {
+    message = {
         "schema": SCHEMA,
         "type": "detections",
         "camera": frame.camera,
@@ -70,6 +82,18 @@ def to_message(frame: Frame, labels: list[str], seq: int) -> dict:
         "detections": detections,
         "latency_ms": {**frame.stage_latency_ms(), "total": round((now - frame.capture_time) * 1000.0, 3)},
     }
+    if frame.analytics is not None:
+        message["analytics"] = frame.analytics
+    return message
+
+
+def to_events(frame: Frame, seq: int) -> list[dict]:
+    """A frame's zone and line events, one message each, numbered from `seq` on the camera's events topic."""
+    out = []
+    for i, event in enumerate(frame.events or ()):
+        out.append({"schema": EVENTS_SCHEMA, **event, "camera": frame.camera, "seq": seq + i, "frame": frame.index,
+                    "pts": frame.pts, "capture_time": frame.capture_time, "publish_time": time.time()})
+    return out
 
 
 def encode_preview(frame: Frame, image, config: PreviewConfig, seq: int) -> tuple[dict, bytes]:
@@ -166,7 +190,8 @@ class PublishStage(Stage):
 
     def __init__(self, inbox: BoundedQueue, socket: zmq.Socket, labels: list[str], prefix: str, cameras: list[str],
                  preview: PreviewConfig | None = None, preview_gate: PreviewGate | None = None,
-                 end_reason: Callable[[str], str] | None = None):
+                 end_reason: Callable[[str], str] | None = None, events_prefix: str = "events",
+                 event_cameras: list[str] = ()):
         super().__init__(inbox, None)
         # camera -> why its stream ended ("eof", "stopped", "failed"), asked when the end messages go out
         self.end_reason = end_reason or (lambda _camera: "eof")
@@ -182,6 +207,10 @@ class PublishStage(Stage):
             self.preview_gate = preview_gate
             self.previews_sent = 0
         self.subscriptions = 0  # subscription notices received (duplicates too: XPUB_VERBOSE)
+        # zone and line events, for the cameras that have zones or lines
+        self.event_topics = {camera: topic_for(events_prefix, camera) for camera in event_cameras}
+        self.event_seq = {camera: 0 for camera in event_cameras}
+        self.events_sent = 0
 
     def _send(self, topic: bytes, header: dict, *payload: bytes) -> None:
         # never blocks: a full subscriber queue drops this message for that subscriber only (see above)
@@ -205,9 +234,20 @@ class PublishStage(Stage):
         self._send(self.topics[frame.camera], message)
         self.metrics.items_out += 1
         self.metrics.frames_out += 1
+        if frame.events:
+            self._send_events(frame)
         if self.preview is not None:
             self._send_preview(frame)  # after the detections, so a viewer usually has them first
         self._drain_subscriptions()  # under load too: a busy publisher is never idle
+
+    def _send_events(self, frame: Frame) -> None:
+        topic = self.event_topics.get(frame.camera)
+        if topic is None:
+            return
+        for event in to_events(frame, self.event_seq[frame.camera]):
+            self.event_seq[frame.camera] += 1
+            self._send(topic, event)
+            self.events_sent += 1
 
     def on_idle(self) -> None:
         self._drain_subscriptions()
@@ -222,6 +262,9 @@ class PublishStage(Stage):
         # "reason" tells a complete stream ("eof") from one that was stopped or cut off by a failure
         for camera, topic in self.topics.items():
             self._send(topic, {"schema": SCHEMA, "type": "end", "camera": camera, "seq": self.seq[camera],
+                               "reason": self.end_reason(camera)})
+        for camera, topic in self.event_topics.items():
+            self._send(topic, {"schema": EVENTS_SCHEMA, "type": "end", "camera": camera, "seq": self.event_seq[camera],
                                "reason": self.end_reason(camera)})
 
     def on_stop(self) -> None:

@@ -1,7 +1,8 @@
-"""Drawing for the viewer: detections (box, label, score, track id) and a small status panel.
+"""Drawing for the viewer: detections (box, label, score, track id), track trails, zones and lines
+with their counts, and a small status panel.
 
-Pure functions over a BGR image and the `detections` list of a `vapipe.detections/1` message, so
-they serve windows, recordings and snapshots alike. Each class keeps one colour everywhere (a
+Pure functions over a BGR image and parts of a `vapipe.detections/1.x` message, so they serve
+windows, recordings and snapshots alike. Each class keeps one colour everywhere (a
 fixed palette indexed by class id), so a person is the same colour in every window and run.
 """
 
@@ -76,3 +77,69 @@ def blank_canvas(source_w: int, source_h: int, width: int) -> tuple[np.ndarray, 
     scale = width / max(1, source_w)
     canvas = np.full((max(1, round(source_h * scale)), width, 3), 32, np.uint8)
     return canvas, scale
+
+
+def track_color(track_id: int) -> tuple[int, int, int]:
+    """A colour per track (trails), so two people of one class are told apart."""
+    return PALETTE[(int(track_id) * 7) % len(PALETTE)]
+
+
+def draw_trails(image: np.ndarray, trails: dict, scale: float = 1.0) -> np.ndarray:
+    """Each track's recent bottom-centre points (source pixels), as a polyline fading to its newest point."""
+    for track, points in trails.items():
+        if len(points) < 2:
+            continue
+        color = track_color(track)
+        pts = np.round(np.asarray(points, np.float64) * scale).astype(np.int32)
+        for i in range(1, len(pts)):
+            thickness = 1 if i < len(pts) // 2 else 2
+            cv2.line(image, tuple(pts[i - 1]), tuple(pts[i]), color, thickness, cv2.LINE_AA)
+        cv2.circle(image, tuple(pts[-1]), 3, color, cv2.FILLED, cv2.LINE_AA)
+    return image
+
+
+ZONE_COLOR = (255, 200, 0)  # BGR: cyan-blue
+LINE_COLOR = (0, 255, 255)  # BGR: yellow
+
+
+def _tag(image: np.ndarray, text: str, org: tuple[int, int], color) -> None:
+    (tw, th), base = cv2.getTextSize(text, FONT, 0.45, 1)
+    x = min(max(0, org[0]), max(0, image.shape[1] - tw - 4))
+    y = min(max(th + base + 2, org[1]), image.shape[0] - 1)
+    cv2.rectangle(image, (x, y - th - base - 2), (x + tw + 4, y), color, cv2.FILLED)
+    cv2.putText(image, text, (x + 2, y - base - 1), FONT, 0.45, _text_color(color), 1, cv2.LINE_AA)
+
+
+def _counts(counts: dict) -> str:
+    return " ".join(f"{label} {n}" for label, n in sorted(counts.items())) or "0"
+
+
+def draw_analytics(image: np.ndarray, analytics: dict | None, scale: float = 1.0) -> np.ndarray:
+    """Zones (translucent polygons with their occupancy) and counting lines (with an arrow for the `in`
+    side and the counts), from a message's `analytics`, in place."""
+    if not analytics:
+        return image
+    tags = []  # drawn after every shape, so no line crosses a label
+    for name, zone in analytics.get("zones", {}).items():
+        polygon = np.round(np.asarray(zone["polygon"], np.float64) * scale).astype(np.int32)
+        overlay = image.copy()
+        cv2.fillPoly(overlay, [polygon], ZONE_COLOR)
+        cv2.addWeighted(overlay, 0.2, image, 0.8, 0, dst=image)
+        cv2.polylines(image, [polygon], True, ZONE_COLOR, 2, cv2.LINE_AA)
+        corner = polygon[np.lexsort((polygon[:, 0], polygon[:, 1]))[0]]  # top-left-most vertex
+        tags.append((f"{name}: {_counts(zone.get('occupancy', {}))}", (int(corner[0]) + 4, int(corner[1]) - 3), ZONE_COLOR))
+    for name, line in analytics.get("lines", {}).items():
+        a, b = (np.asarray(p, np.float64) * scale for p in line["points"])
+        cv2.line(image, tuple(np.round(a).astype(int)), tuple(np.round(b).astype(int)), LINE_COLOR, 2, cv2.LINE_AA)
+        # the arrow points to the side a crossing into counts as "in" (right of a->b, y down)
+        direction = b - a
+        normal = np.array([-direction[1], direction[0]]) / max(np.hypot(*direction), 1e-6)
+        middle = (a + b) / 2
+        cv2.arrowedLine(image, tuple(np.round(middle).astype(int)), tuple(np.round(middle + 25 * normal).astype(int)),
+                        LINE_COLOR, 2, cv2.LINE_AA, tipLength=0.35)
+        top = a if a[1] <= b[1] else b  # the label sits above the line's upper end
+        tags.append((f"{name}  in {_counts(line.get('in', {}))}  out {_counts(line.get('out', {}))}",
+                     (int(top[0]) - 30, int(top[1]) - 4), LINE_COLOR))
+    for text, org, color in tags:
+        _tag(image, text, org, color)
+    return image

@@ -24,8 +24,8 @@ import numpy as np
 import zmq
 
 from pipeline.errors import PipelineError
-from viewer.annotate import blank_canvas, draw_detections, draw_status
-from viewer.stream import CameraStream, Paired
+from viewer.annotate import blank_canvas, draw_analytics, draw_detections, draw_status, draw_trails
+from viewer.stream import CameraStream, Paired, count_lines
 
 log = logging.getLogger("viewer")
 
@@ -222,8 +222,12 @@ class Viewer:
             lines.append("detections lost")
         elif paired.jpeg is None:
             lines.append("no preview frames (publish.preview)")
+        if detections is not None:  # zones and lines first: boxes and the panel go over them
+            draw_analytics(image, detections.get("analytics"), scale)
+            lines += count_lines(detections.get("analytics"))
         draw_status(image, lines)
         if detections is not None:  # boxes over the panel: the panel must never hide a detection
+            draw_trails(image, stream.trails_at(paired.frame), scale)
             draw_detections(image, detections.get("detections", []), scale)
         return image
 

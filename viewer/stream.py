@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 DETECTIONS_KEPT = 64  # detections wait this many frames for their preview (previews are rate-limited)
 PREVIEWS_KEPT = 8
+TRAIL_POINTS = 30  # a track's trail: its last this many positions
+TRAIL_FORGET_FRAMES = 50  # a track not seen for this many frames loses its trail
 LOST_AFTER_FRAMES = 16  # a preview is shown without detections once detections are this far ahead
 
 
@@ -60,6 +62,8 @@ class CameraStream:
     _previews: collections.OrderedDict = field(default_factory=collections.OrderedDict)
     _arrivals: collections.deque = field(default_factory=lambda: collections.deque(maxlen=240))
     _latencies: collections.deque = field(default_factory=lambda: collections.deque(maxlen=60))
+    # track id -> (last frame seen, recent bottom-centre points in source pixels), from `track_id`s
+    trails: dict = field(default_factory=dict)
 
     # -- statistics --------------------------------------------------------------------------
     @property
@@ -88,6 +92,7 @@ class CameraStream:
                  f"drops {self.drops}" + (f"  restarts {self.restarts}" if self.restarts else "")]
         return lines
 
+
     # -- messages ----------------------------------------------------------------------------
     def _restart(self) -> None:
         self.restarts += 1
@@ -96,6 +101,7 @@ class CameraStream:
         self._detections.clear()
         self._previews.clear()
         self._arrivals.clear()
+        self.trails.clear()
 
     def on_detections(self, message: dict, now: float | None = None) -> list[Paired]:
         now = time.monotonic() if now is None else now
@@ -116,6 +122,7 @@ class CameraStream:
             self._latencies.append((time.time() - capture) * 1000.0)
         self.latest_detections = message
         frame = message["frame"]
+        self._update_trails(message, frame)
         out = []
         preview = self._previews.pop(frame, None)
         if preview is not None:
@@ -125,6 +132,24 @@ class CameraStream:
             while len(self._detections) > DETECTIONS_KEPT:
                 self._detections.popitem(last=False)
         return out + self._expire(newest=frame)
+
+    def _update_trails(self, message: dict, frame: int) -> None:
+        for detection in message.get("detections", ()):
+            track = detection.get("track_id")
+            if track is None:
+                continue
+            x1, _y1, x2, y2 = detection["box"]
+            entry = self.trails.get(track)
+            if entry is None:
+                entry = self.trails[track] = [frame, collections.deque(maxlen=TRAIL_POINTS)]
+            entry[0] = frame
+            entry[1].append(((x1 + x2) / 2, y2))
+        for track in [t for t, (seen, _points) in self.trails.items() if frame - seen > TRAIL_FORGET_FRAMES]:
+            del self.trails[track]
+
+    def trails_at(self, frame: int) -> dict[int, list[tuple[float, float]]]:
+        """Trails of the tracks seen in the last few frames before `frame` (what a drawn frame shows)."""
+        return {t: list(points) for t, (seen, points) in self.trails.items() if abs(frame - seen) <= 3}
 
     def on_preview(self, header: dict, jpeg: bytes, now: float | None = None) -> list[Paired]:
         now = time.monotonic() if now is None else now
@@ -151,3 +176,18 @@ class CameraStream:
                 header, jpeg = self._previews.pop(frame)
                 out.append(Paired(self.camera, frame, header, jpeg, None))
         return out
+
+
+def count_lines(analytics: dict | None) -> list[str]:
+    """Status-panel lines for a detections message's `analytics`: crossings per line, occupancy per zone."""
+    if not analytics:
+        return []
+
+    def fmt(counts: dict) -> str:
+        return ", ".join(f"{label} {n}" for label, n in sorted(counts.items())) or "0"
+
+    out = [f"line {name}: in {fmt(line.get('in', {}))} | out {fmt(line.get('out', {}))}"
+           for name, line in analytics.get("lines", {}).items()]
+    out += [f"zone {name}: now {fmt(zone.get('occupancy', {}))} | entered {fmt(zone.get('entered', {}))}"
+            for name, zone in analytics.get("zones", {}).items()]
+    return out
