@@ -35,6 +35,16 @@ def clip_pipeline(path: str) -> str:
     return f'( filesrc location="{path}" ! qtdemux ! h264parse ! rtph264pay name=pay0 pt=96 config-interval=1 )'
 
 
+def keep_prepared(_factory, media) -> None:
+    """Keep a shared media prepared when its last client leaves: unpreparing it races with a client
+    that connects at that moment (seen: the server refuses it, EPERM in FFmpeg, or aborts in
+    gst_rtsp_media_get_rates), which real cameras never do."""
+    media.set_reusable(True)
+    media.set_stop_on_disconnect(False)
+    media.set_suspend_mode(GstRtspServer.RTSPSuspendMode.NONE)
+    media.prepare(None)  # one prepare more than its clients': the media stays prepared with none
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, required=True)
@@ -56,6 +66,8 @@ def main() -> int:
         factory = GstRtspServer.RTSPMediaFactory()
         factory.set_launch(launch)
         factory.set_shared(True)
+        if path == "/live":  # the clip mount ends after the file, and a reconnecting client starts it over
+            factory.connect("media-configure", keep_prepared)
         mounts.add_factory(path, factory)
     if server.attach(None) == 0:
         print(f"cannot listen on 127.0.0.1:{args.port}", file=sys.stderr)
