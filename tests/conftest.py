@@ -130,6 +130,28 @@ def run_and_collect(config_path: Path, endpoint: str, topic: bytes, *args: str, 
     return process.returncode, messages, err
 
 
+def small_clip(path: Path, frames: int, fps: int, size: tuple[int, int] = (384, 216)) -> Path:
+    """A small real clip written with PyAV: the first `frames` frames of the demo clip, scaled to
+    `size`, with timestamps at `fps`."""
+    import av
+    from fractions import Fraction
+
+    width, height = size
+    with av.open(str(PERSON_CLIP)) as src, av.open(str(path), "w") as dst:
+        stream = dst.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i, frame in enumerate(src.decode(video=0)):
+            if i >= frames:
+                break
+            small = frame.reformat(width=width, height=height, format="yuv420p")
+            small.pts, small.time_base = i, Fraction(1, fps)
+            for packet in stream.encode(small):
+                dst.mux(packet)
+        for packet in stream.encode():
+            dst.mux(packet)
+    return path
+
+
 def cut_clip(source: Path, out: Path, start: int, frames: int = SHORT_FRAMES) -> Path:
     """Frames [start, start + frames) of `source`, re-encoded at its size and 25 fps."""
     import av

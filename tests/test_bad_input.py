@@ -8,11 +8,9 @@ import re
 import signal
 import threading
 import time
-from fractions import Fraction
 
-import av
 
-from conftest import PERSON_CLIP, Subscriber, make_config, run_cli, start_cli
+from conftest import PERSON_CLIP, Subscriber, make_config, run_cli, start_cli, small_clip
 
 
 def _run_and_collect(tmp_path, clip, camera="cam", url=None):
@@ -63,25 +61,8 @@ def test_corrupted_middle_is_skipped_and_the_rest_is_processed(tmp_path):
         assert "frames the file declares" in result.stderr
 
 
-def _clip(path, frames: int, fps: int):
-    """A small real clip written with PyAV: `frames` frames at `fps`."""
-    with av.open(str(PERSON_CLIP)) as src, av.open(str(path), "w") as dst:
-        stream = dst.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = 192, 108, "yuv420p"
-        for i, frame in enumerate(src.decode(video=0)):
-            if i >= frames:
-                break
-            small = frame.reformat(width=192, height=108, format="yuv420p")
-            small.pts, small.time_base = i, Fraction(1, fps)
-            for packet in stream.encode(small):
-                dst.mux(packet)
-        for packet in stream.encode():
-            dst.mux(packet)
-    return path
-
-
 def test_a_file_url_plays_exactly_like_a_path(tmp_path):
-    clip = _clip(tmp_path / "my clip.mp4", 40, 25)
+    clip = small_clip(tmp_path / "my clip.mp4", 40, 25, size=(192, 108))
     url = "file://" + str(clip).replace(" ", "%20")  # as a browser or file manager writes it
     result, detections, messages = _run_and_collect(tmp_path, clip, url=url)
     assert result.returncode == 0, result.stderr
@@ -95,7 +76,7 @@ def test_a_looped_single_frame_is_paced_and_a_stopped_camera_says_so(tmp_path):
     """One frame at 2 fps, loop + realtime: two frames a second, not as fast as the CPU goes.
     Also: a wildcard port is logged as the port it got, and a camera ended by a signal sends an
     end message with reason "stopped", not "eof"."""
-    clip = _clip(tmp_path / "still.mp4", 1, 2)
+    clip = small_clip(tmp_path / "still.mp4", 1, 2, size=(192, 108))
     path, _ = make_config(tmp_path, [{"id": "still", "url": str(clip), "loop": True, "realtime": True}],
                           publish={"bind": "tcp://127.0.0.1:*"})
     process = start_cli("--config", str(path))

@@ -6,12 +6,10 @@ timestamps start over), and capture time is when each frame was due, so latency 
 import json
 import threading
 import time
-from fractions import Fraction
 
-import av
 import pytest
 
-from conftest import PERSON_CLIP, Subscriber, engine_fps, make_config, start_cli
+from conftest import Subscriber, engine_fps, make_config, start_cli, small_clip
 
 
 def paced_fps() -> int:
@@ -20,26 +18,9 @@ def paced_fps() -> int:
     return max(2, min(20, int(engine_fps() / 3)))
 
 
-def _short_clip(path, fps: int):
-    """`fps` frames at `fps`: one second a loop."""
-    with av.open(str(PERSON_CLIP)) as src, av.open(str(path), "w") as dst:
-        stream = dst.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = 384, 216, "yuv420p"
-        for i, frame in enumerate(src.decode(video=0)):
-            if i >= fps:
-                break
-            small = frame.reformat(width=384, height=216, format="yuv420p")
-            small.pts, small.time_base = i, Fraction(1, fps)
-            for packet in stream.encode(small):
-                dst.mux(packet)
-        for packet in stream.encode():
-            dst.mux(packet)
-    return path
-
-
 def test_a_paced_looping_file_plays_like_a_camera(tmp_path):
     fps = paced_fps()
-    clip = _short_clip(tmp_path / "short.mp4", fps)
+    clip = small_clip(tmp_path / "short.mp4", fps, fps)
     path, config = make_config(tmp_path, [{"id": "cam", "url": str(clip), "live": True, "realtime": True, "loop": True}],
                                runtime={"shutdown_deadline_s": 60})
     subscriber = Subscriber(config["publish"]["bind"], [b"det/cam/"])
@@ -83,7 +64,7 @@ def test_pacing_ignores_a_wall_clock_step(tmp_path, monkeypatch, step_s):
     from stages import source as source_module
 
     fps = frames = 20
-    clip = _short_clip(tmp_path / "short.mp4", fps)  # 20 frames at 20 fps: one second paced
+    clip = small_clip(tmp_path / "short.mp4", fps, fps)  # 20 frames at 20 fps: one second paced
     calls = []
 
     def stepped_wall_clock() -> float:

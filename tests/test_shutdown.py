@@ -17,12 +17,10 @@ import re
 import signal
 import threading
 import time
-from fractions import Fraction
 
-import av
 import pytest
 
-from conftest import ASSETS, PERSON_CLIP, Subscriber, make_config, start_cli
+from conftest import ASSETS, PERSON_CLIP, Subscriber, make_config, start_cli, small_clip
 
 CAR_CLIP = ASSETS / "videos" / "car-detection.mp4"  # 377 frames
 CAR_FRAMES = 377
@@ -101,22 +99,6 @@ def ends(messages) -> set[str]:
 def looping_cameras(count: int) -> list[dict]:
     # paced (10 fps) and looped: light on the CPU, and running until a signal stops them
     return [{"id": f"cam{i}", "url": str(PERSON_CLIP), "loop": True, "realtime": True} for i in range(count)]
-
-
-def short_clip(path, frames: int = 20, fps: int = 20):
-    with av.open(str(PERSON_CLIP)) as src, av.open(str(path), "w") as dst:
-        stream = dst.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = 384, 216, "yuv420p"
-        for i, frame in enumerate(src.decode(video=0)):
-            if i >= frames:
-                break
-            small = frame.reformat(width=384, height=216, format="yuv420p")
-            small.pts, small.time_base = i, Fraction(1, fps)
-            for packet in stream.encode(small):
-                dst.mux(packet)
-        for packet in stream.encode():
-            dst.mux(packet)
-    return path
 
 
 # 1 -------------------------------------------------------------------------------------------
@@ -273,7 +255,7 @@ def test_a_stop_ends_the_wait_for_subscribers(tmp_path, workers):
 def test_worker_mode_counts_every_subscriber_and_leaves_nothing_in_tmp(tmp_path):
     """Two subscribers of the same topic, connected before the run starts: the workers see that
     topic once (XSUB passes its set on to a late publisher), the supervisor sees both."""
-    clip = short_clip(tmp_path / "short.mp4")
+    clip = small_clip(tmp_path / "short.mp4", 20, 20)
     cameras = [{"id": "a", "url": str(clip)}, {"id": "b", "url": str(clip)}]
     path, config = make_config(tmp_path, cameras, engine={"lanes": 1},
                                publish={"wait_subscribers": 2, "wait_timeout_s": 60}, runtime={"workers": 2})

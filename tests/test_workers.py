@@ -12,7 +12,7 @@ import signal
 import threading
 import time
 
-from conftest import PERSON_CLIP, SHORT_FRAMES, Subscriber, make_config, run_cli, start_cli
+from conftest import PERSON_CLIP, SHORT_FRAMES, Subscriber, make_config, start_cli
 def _run_until_ends(path, endpoint: str, cameras: int, signal_after=None):
     """Start the CLI with a subscriber on every `det/` topic; optionally SIGTERM it once `signal_after`
     is true of the messages; collect until every camera's end message: (exit code, messages, stderr)."""
