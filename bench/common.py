@@ -33,10 +33,25 @@ def commit() -> str:
     return out or os.environ.get("BENCH_COMMIT", "unknown")
 
 
+def project_paths(value):
+    """`value` with every absolute path in it made relative to the project (a path outside it keeps
+    only its name): results are committed, and a machine's own folders mean nothing elsewhere."""
+    if isinstance(value, dict):
+        return {key: project_paths(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [project_paths(item) for item in value]
+    if isinstance(value, Path) or (isinstance(value, str) and value.startswith("/")):
+        path = Path(value)
+        return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
+    return value
+
+
 def append_results(out: Path, stem: str, markdown: str, record: dict) -> None:
-    """Append a run to `<out>/<stem>.md` (the table) and `<out>/<stem>.jsonl` (its numbers)."""
+    """Append a run to `<out>/<stem>.md` (the table) and `<out>/<stem>.jsonl` (its numbers, paths
+    relative to the project)."""
     import json
 
+    record = project_paths(record)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / f"{stem}.md", "a", encoding="utf-8") as f:
         f.write("\n" + markdown + "\n")
