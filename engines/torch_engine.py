@@ -3,14 +3,21 @@
 The prepared ONNX graph (uint8 NHWC input, preprocessing inside) is converted in memory with
 onnx2torch and runs on the lane's own CUDA stream (`torch.cuda.ExternalStream`), reading and
 writing the lane's device buffers in place (wrapped through `__cuda_array_interface__`).
-Options: fp16 (autocast) and CUDA graphs (one captured graph per lane and batch bucket; batches
-are padded up to the next power of two so a handful of graphs cover every size).
+Options: fp16 (autocast), CUDA graphs (one captured graph per lane and batch bucket; batches
+are padded up to the next power of two so a handful of graphs cover every size) and compile
+(`torch.compile`, inductor, channels_last weights): the compiled kernels are what the CUDA graphs
+capture. Compiled artifacts are cached on disk (`torch.compiler.save_cache_artifacts`), keyed like
+TensorRT plans; a file lock makes the worker processes of one machine compile once between them.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
 import logging
-
+import time
+from pathlib import Path
 
 import numpy as np
 
@@ -81,6 +88,19 @@ def _inline_identity_initializers(proto) -> int:
     return len(inlined)
 
 
+def convolutions(module) -> list[tuple[str, object]]:
+    """(target, Conv2d) of the converted module, in graph order."""
+    import torch
+
+    return [(n.target, module.get_submodule(n.target)) for n in module.graph.nodes
+            if n.op == "call_module" and isinstance(module.get_submodule(n.target), torch.nn.Conv2d)]
+
+
+def _replace(module, target: str, replacement) -> None:
+    owner, _, name = target.rpartition(".")
+    setattr(module.get_submodule(owner) if owner else module, name, replacement)
+
+
 def fp32_layers(module, first: int, last: int) -> None:
     """Run the first `first` and the last `last` convolutions (in graph order) in fp32 under autocast."""
     import torch
@@ -94,13 +114,96 @@ def fp32_layers(module, first: int, last: int) -> None:
             with torch.autocast("cuda", enabled=False):
                 return self.inner(x.float())
 
-    convs = [n.target for n in module.graph.nodes
-             if n.op == "call_module" and isinstance(module.get_submodule(n.target), torch.nn.Conv2d)]
-    chosen = convs[:first] + (convs[-last:] if last else [])
-    for target in chosen:
-        owner, _, name = target.rpartition(".")
-        parent = module.get_submodule(owner) if owner else module
-        setattr(parent, name, Fp32(getattr(parent, name)))
+    convs = [target for target, _ in convolutions(module)]
+    for target in convs[:first] + (convs[-last:] if last else []):
+        _replace(module, target, Fp32(module.get_submodule(target)))
+
+
+def calibration_images(count: int, h: int, w: int, seed: int = 0) -> np.ndarray:
+    """uint8 [count, h, w, 3] images with natural images' first statistics (mid-grey mean, smooth
+    structure at several scales, some letterbox padding): what recentring needs, with no asset."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    out = np.empty((count, h, w, 3), np.uint8)
+    for i in range(count):
+        image = np.zeros((h, w, 3), np.float32)
+        for cells, weight in ((4, 0.5), (16, 0.3), (64, 0.2)):
+            noise = rng.uniform(0, 255, (cells, cells, 3)).astype(np.float32)
+            image += weight * cv2.resize(noise, (w, h), interpolation=cv2.INTER_CUBIC)
+        out[i] = np.clip(image, 0, 255).astype(np.uint8)
+        out[i, int(h * rng.uniform(0.55, 0.8)):] = 114  # padding below a wide frame
+    return out
+
+
+def recentre_convolutions(module, images: np.ndarray, only_pointwise: bool = False) -> int:
+    """Make every convolution's fp16 sums small, exactly: conv(x) + b = conv(x - m) + B.
+
+    YOLOX's BatchNorm was folded over inputs with large means (raw 0-255 pixels first, then
+    positive SiLU outputs), so the folded bias cancels a large pre-bias sum, and in fp16 that sum's
+    rounding error (not the small result) is what the next layer sees. `m` is each input channel's
+    mean over `images` (fp32 run); B = conv(m everywhere, zero padding) + b is computed in fp32 once,
+    a per-pixel map so that the padded borders stay exact. Weights are also scaled by a power of
+    two towards 1 (the input divided by the same), which keeps raw-pixel weights out of fp16's
+    subnormal range. Returns how many convolutions were changed.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    class Recentred(torch.nn.Module):
+        def __init__(self, conv, mean, hw):
+            super().__init__()
+            self.conv = conv
+            scale = 2.0 ** -round(float(np.log2(max(conv.weight.detach().abs().max().item(), 1e-30))))
+            self.register_buffer("weight", conv.weight.detach() * scale)
+            self.register_buffer("input_mean", mean.view(1, -1, 1, 1))
+            self.register_buffer("input_mean_half", mean.view(1, -1, 1, 1).half())
+            self.inv_scale = 1.0 / scale
+            self.hw = hw
+            bias_map = self._bias_map(hw)
+            self.register_buffer("bias_map", bias_map)
+            self.register_buffer("bias_map_half", bias_map.half())
+
+        def _bias_map(self, hw):
+            c = self.conv
+            with torch.autocast("cuda", enabled=False):
+                constant = self.input_mean.float().expand(1, -1, *hw)
+                out = F.conv2d(constant, c.weight.float(), None, c.stride, c.padding, c.dilation, c.groups)
+                return out + (c.bias.float().view(1, -1, 1, 1) if c.bias is not None else 0)
+
+        def forward(self, x):
+            c = self.conv
+            mean = self.input_mean_half if x.dtype == torch.float16 else self.input_mean
+            centred = (x - mean) * self.inv_scale
+            y = F.conv2d(centred, self.weight, None, c.stride, c.padding, c.dilation, c.groups)
+            if tuple(x.shape[-2:]) == self.hw:
+                return y + (self.bias_map_half if y.dtype == torch.float16 else self.bias_map)
+            return y + self._bias_map(tuple(x.shape[-2:])).to(y.dtype)  # another size: computed per call
+
+    convs = convolutions(module)
+    if only_pointwise:
+        convs = [(t, c) for t, c in convs if c.kernel_size == (1, 1)]
+    inputs: dict[str, list] = {}
+    hooks = []
+    for target, conv in convs:
+        def hook(conv, args, target=target):
+            x = args[0].float()
+            inputs.setdefault(target, []).append((x.mean(dim=(0, 2, 3)), tuple(x.shape[-2:])))
+        hooks.append(conv.register_forward_pre_hook(hook))
+    device = next(module.parameters()).device
+    with torch.inference_mode(False), torch.no_grad(), torch.autocast("cuda", enabled=False):
+        for i in range(0, len(images), 8):
+            module(torch.from_numpy(np.ascontiguousarray(images[i : i + 8])).to(device))
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        for target, conv in convs:
+            seen = inputs.get(target)
+            if not seen:
+                continue
+            mean = torch.stack([m for m, _ in seen]).mean(0)
+            _replace(module, target, Recentred(conv, mean, seen[0][1]))
+    return len(inputs)
 
 
 def _bucket(n: int, max_batch: int) -> int:
@@ -108,6 +211,64 @@ def _bucket(n: int, max_batch: int) -> int:
     while size < n:
         size *= 2
     return min(size, max_batch)
+
+
+def compile_key(model: PreparedModel, torch_version: str, gpu: str, capability: tuple[int, int], fp16: bool,
+                fp32_first_convs: int, buckets: list[int]) -> str:
+    """Everything that makes compiled kernels valid for a run; a different key compiles anew."""
+    fields = {"onnx": model.sha256, "torch": torch_version, "gpu": gpu, "sm": f"{capability[0]}.{capability[1]}",
+              "fp16": fp16, "fp32_first_convs": fp32_first_convs if fp16 else 0, "buckets": buckets,
+              "memory_format": "channels_last"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def buckets(max_batch: int) -> list[int]:
+    sizes, size = [], 1
+    while True:
+        sizes.append(size)
+        if size >= max_batch:
+            return sizes
+        size = min(size * 2, max_batch)
+
+
+class _CompileCache:
+    """`<dir>/<key>.inductor` holds the compiled artifacts; `<key>.lock` makes one process compile
+    while the others of the machine wait for its file (the OS drops the lock if it dies)."""
+
+    def __init__(self, cache_dir: Path, key: str):
+        self.path = Path(cache_dir) / f"{key}.inductor"
+        self._lock = None
+
+    def load(self, torch) -> bool:
+        Path(self.path.parent).mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.path.with_suffix(".lock"), "w")
+        fcntl.flock(self._lock, fcntl.LOCK_EX)  # waits while another process compiles this key
+        if not self.path.is_file():
+            return False  # we compile; the lock stays held until save()
+        try:
+            torch.compiler.load_cache_artifacts(self.path.read_bytes())
+        except Exception as exc:  # a stale or truncated file: compile anew
+            log.warning("engine torch: cannot load compiled artifacts %s (%s); compiling", self.path.name,
+                        str(exc).splitlines()[0][:120])
+            return False
+        finally:
+            self.release()
+        return True
+
+    def save(self, torch) -> None:
+        try:
+            artifacts = torch.compiler.save_cache_artifacts()
+            if artifacts is not None:
+                tmp = self.path.with_suffix(".tmp")
+                tmp.write_bytes(artifacts[0])
+                tmp.replace(self.path)  # a crash mid-write never leaves a file that looks valid
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
 
 def import_torch():
@@ -125,7 +286,8 @@ class TorchEngine(DeviceEngine):
     name = "torch"
 
     def __init__(self, model: PreparedModel, max_batch: int, fp16: bool = False, cuda_graphs: bool = False, device: int = 0,
-                 fp32_first_convs: int = 16):
+                 fp32_first_convs: int = 0, compile: bool = False, cache_dir: Path = Path("cache/torch"),
+                 recentre: bool = True):
         torch, convert = import_torch()
         import onnx
 
@@ -146,21 +308,64 @@ class TorchEngine(DeviceEngine):
             raise ModelError(f"model.path: onnx2torch cannot convert the model: {str(exc).splitlines()[0][:200]}") from None
         _keep_shape_constants_on_host(self.module)
         self.fp16, self.cuda_graphs = fp16, cuda_graphs
+        h, w = model.input_hw
         if fp16 and fp32_first_convs:
-            # the first layers see raw 0-255 pixels: in fp16 their error moves scores by up to 0.1
-            # (bench/fp16_precision.py); in fp32 they cost little and keep scores within ~0.02
             fp32_layers(self.module, fp32_first_convs, 0)
+        if fp16 and recentre:
+            # all layers fp16: without this YOLOX's folded biases cancel large fp16 sums and scores
+            # move by up to 0.1 (bench/fp16_precision.py, bench/results/fp16_precision.md)
+            recentre_convolutions(self.module, calibration_images(8, h, w))
         if not fp16:  # fp32 means fp32: PyTorch would otherwise run convolutions in TF32 (~1e-3 error)
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
         self.max_batch = max_batch if model.batch_dynamic else 1
-        h, w = model.input_hw
         self.inputs = [TensorSpec(model.input_name, np.dtype(np.uint8), (None, h, w, 3))]
         with torch.inference_mode():
             probe = self.module(torch.zeros((1, h, w, 3), dtype=torch.uint8, device=self.device))
         probe = probe if isinstance(probe, (list, tuple)) else [probe]
         self.outputs = [TensorSpec(name, np.dtype(np.float32), (None, *t.shape[1:]))
                         for name, t in zip(model.output_names, probe)]
+        self._run = self._eager
+        self.compiled = False  # torch.compile is in use (it may fall back to eager in warmup)
+        self._compile_cache: _CompileCache | None = None
+        self.compile_seconds: float | None = None  # start-up cost of compiling (or loading the cache)
+        if compile:
+            self._compile(model, cache_dir, fp32_first_convs)
+
+    def _eager(self, x):
+        with self.torch.autocast("cuda", dtype=self.torch.float16, enabled=self.fp16):
+            return self.module(x)
+
+    def _compile(self, model: PreparedModel, cache_dir: Path, fp32_first_convs: int) -> None:
+        """Compile lazily (dynamo traces on the first call of each batch bucket, in warmup)."""
+        torch = self.torch
+        from pipeline import cuda
+
+        self.module = self.module.to(memory_format=torch.channels_last)
+        sizes = buckets(self.max_batch)
+        dynamo = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit"):  # batch 1 and a dynamic batch, with room
+            if hasattr(dynamo, name):
+                setattr(dynamo, name, max(getattr(dynamo, name), 2 * len(sizes)))
+        key = compile_key(model, torch.__version__, cuda.device_name(self.device.index),
+                          cuda.compute_capability(self.device.index), self.fp16, fp32_first_convs, sizes)
+        self._compile_cache = _CompileCache(cache_dir, key)
+        started = time.perf_counter()
+        cached = self._compile_cache.load(torch)
+        self._compile_started, self._compile_cached = started, cached
+        log.info("engine torch: compiling with inductor (%s)", "cached artifacts" if cached else
+                 "no cached artifacts: about a minute, once per model, GPU and torch version")
+        self._run = torch.compile(self._eager, dynamic=False)  # static but the batch (marked per call)
+        self.compiled = True
+
+    def _compile_failed(self, exc: BaseException) -> None:
+        log.warning("engine torch: torch.compile cannot compile this model (%s: %s); running it eagerly",
+                    type(exc).__name__, str(exc).splitlines()[0][:160] if str(exc) else "")
+        self._run, self.compiled = self._eager, False
+        self.module = self.module.to(memory_format=self.torch.contiguous_format)
+        if self._compile_cache is not None:
+            self._compile_cache.release()
+            self._compile_cache = None
 
     def create_context(self, lane: int):
         return _LaneState()
@@ -176,21 +381,28 @@ class TorchEngine(DeviceEngine):
         return state.views[key]
 
     def _forward(self, x, ys, n: int) -> None:
-        torch = self.torch
-        with torch.autocast("cuda", dtype=torch.float16, enabled=self.fp16):
-            result = self.module(x[:n])
+        x = x[:n]
+        if self.compiled and n > 1:  # one compiled graph for every batch of 2 or more (and one for 1)
+            self.torch._dynamo.mark_dynamic(x, 0, min=2, max=self.max_batch)
+        result = self._run(x)
         result = result if isinstance(result, (list, tuple)) else [result]
         for y, r in zip(ys, result):
             y[:n].copy_(r)
 
     def warmup(self, context: _LaneState, stream_ptr: int, input_ptr: int, output_ptrs: list[int]) -> None:
-        # capture every batch bucket now, not on the first batches of a running pipeline
+        # compile and capture every batch bucket now, not on the first batches of a running pipeline
         size = 1
         while True:
             try:
                 self.enqueue(context, stream_ptr, input_ptr, output_ptrs, size)
-            except RuntimeError as exc:
-                if not self.cuda_graphs:
+            except Exception as exc:
+                if self.compiled:  # the compiler failed: eager, as without compile
+                    self._compile_failed(exc)
+                    context.graphs.clear()
+                    self.torch.cuda.synchronize(self.device)
+                    size = 1
+                    continue
+                if not self.cuda_graphs or not isinstance(exc, RuntimeError):
                     raise
                 # a model whose forward copies host data (run-time shape arithmetic) cannot be captured
                 log.warning("engine torch: CUDA graphs unavailable for this model (%s); running without them",
@@ -199,9 +411,17 @@ class TorchEngine(DeviceEngine):
                 context.graphs.clear()
                 self.torch.cuda.synchronize(self.device)
                 continue
-            if size >= self.max_batch or not self.cuda_graphs:
+            if size >= self.max_batch or (not self.cuda_graphs and self._compile_cache is None):
                 break
             size = min(size * 2, self.max_batch)
+        if self._compile_cache is not None:  # the first lane compiled every bucket: keep them on disk
+            self.torch.cuda.synchronize(self.device)
+            if not self._compile_cached:
+                self._compile_cache.save(self.torch)
+            self._compile_cache = None
+            self.compile_seconds = time.perf_counter() - self._compile_started
+            log.info("engine torch: compiled in %.1f s (%s)", self.compile_seconds,
+                     "from cached artifacts" if self._compile_cached else "cached for the next start")
 
     def enqueue(self, context: _LaneState, stream_ptr: int, input_ptr: int, output_ptrs: list[int], batch: int) -> None:
         torch = self.torch
