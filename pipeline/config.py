@@ -182,7 +182,7 @@ class EngineConfig(_Strict):
     # GPU engines (torch, tensorrt)
     device: Annotated[int, Field(ge=0, le=MAX_DEVICE)] = 0
     fp16: bool = False
-    fp32_first_convs: Annotated[int, Field(ge=0, le=100_000)] = 0  # torch fp16: keep these first convolutions in fp32
+    fp32_first_convs: Annotated[int, Field(ge=0, le=100_000)] = 16  # torch fp16: keep these first convolutions in fp32
     cuda_graphs: bool = False  # torch only: replay captured CUDA graphs
     # torch only: torch.compile (inductor) with channels_last; compiled artifacts cached in compile_cache_dir
     compile: bool = False
