@@ -66,6 +66,92 @@ def _keep_shape_constants_on_host(module) -> None:
                 setattr(parent, name, getattr(parent, name).cpu())
 
 
+def _static_shape_modules(module) -> int:
+    """Replace Slice, Reshape and Resize calls whose starts/ends/shape/scales are constants by
+    modules holding Python numbers. onnx2torch reads those tensors on every call (`.item()`,
+    `.tolist()`, `torch.any`), which
+    torch.compile cannot trace: it breaks the graph there and recompiles each such call site, so
+    most of the model would stay eager. Returns how many calls were replaced."""
+    import torch
+
+    class StaticSlice(torch.nn.Module):
+        def __init__(self, index: tuple, flip: list[int]):
+            super().__init__()
+            self.index, self.flip = index, flip
+
+        def forward(self, x):
+            return (torch.flip(x, dims=self.flip) if self.flip else x)[self.index]
+
+    class StaticReshape(torch.nn.Module):
+        def __init__(self, shape: list[int]):
+            super().__init__()
+            self.shape = shape
+
+        def forward(self, x):
+            return torch.reshape(x, [x.shape[i] if d == 0 else d for i, d in enumerate(self.shape)])
+
+    class StaticResize(torch.nn.Module):
+        def __init__(self, mode: str, align_corners, size, scale_factor):
+            super().__init__()
+            self.mode, self.align_corners, self.size, self.scale_factor = mode, align_corners, size, scale_factor
+
+        def forward(self, x):
+            return torch.nn.functional.interpolate(x, size=self.size, scale_factor=self.scale_factor, mode=self.mode,
+                                                   align_corners=self.align_corners)
+
+    def constant(arg):
+        if arg is None:
+            return []
+        if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
+            owner, _, name = arg.target.rpartition(".")
+            value = getattr(module.get_submodule(owner) if owner else module, name)
+            return value.detach().cpu().reshape(-1).tolist()
+        return None
+
+    replaced = 0
+    for node in list(module.graph.nodes):
+        if node.op != "call_module" or node.kwargs:
+            continue
+        kind = type(module.get_submodule(node.target)).__name__
+        values = [constant(a) for a in node.args[1:]]
+        if not values or any(v is None for v in values):
+            continue
+        if kind == "OnnxSlice":
+            values = [[int(v) for v in vs] for vs in values]
+            starts, ends = values[0], values[1]
+            axes = values[2] if len(values) > 2 else list(range(len(starts)))
+            steps = values[3] if len(values) > 3 else [1] * len(starts)
+            if any(a < 0 for a in axes):
+                continue
+            index, flip = [slice(None)] * (max(axes) + 1), []
+            for start, end, axis, step in zip(starts, ends, axes, steps):
+                if step < 0:
+                    flip.append(axis)
+                    start, end, step = -start - 1, -end - 1, -step
+                index[axis] = slice(start, end, step)
+            replacement = StaticSlice(tuple(index), flip)
+        elif kind == "OnnxReshape":
+            replacement = StaticReshape([int(v) for v in values[0]])
+        elif kind == "OnnxResize":
+            from onnx2torch.node_converters.resize import _onnx_mode_to_torch_mode
+
+            original = module.get_submodule(node.target)
+            roi, scales, sizes = (values + [[], [], []])[:3]
+            if roi and not original.ignore_roi or (scales and scales[:2] != [1, 1]) or (sizes and not original.ignore_bs_ch_size):
+                continue
+            replacement = StaticResize(_onnx_mode_to_torch_mode(original.onnx_mode, 2), original.align_corners,
+                                       [int(v) for v in sizes[2:]] or None, [float(v) for v in scales[2:]] or None)
+        else:
+            continue
+        name = f"static_{replaced}_{node.target.replace('.', '_')}"
+        module.add_submodule(name, replacement)
+        node.target, node.args = name, (node.args[0],)
+        replaced += 1
+    module.graph.eliminate_dead_code()
+    module.recompile()
+    return replaced
+
+
 def _inline_identity_initializers(proto) -> int:
     """Replace `Identity(initializer)` nodes by a copy of the initializer under the output's name.
 
@@ -219,6 +305,8 @@ class TorchEngine(DeviceEngine):
         except Exception as exc:
             raise ModelError(f"model.path: onnx2torch cannot convert the model: {str(exc).splitlines()[0][:200]}") from None
         _keep_shape_constants_on_host(self.module)
+        if compile:
+            _static_shape_modules(self.module)
         self.fp16, self.cuda_graphs = fp16, cuda_graphs
         h, w = model.input_hw
         if fp16 and fp32_first_convs:
@@ -255,7 +343,7 @@ class TorchEngine(DeviceEngine):
         self.module = self.module.to(memory_format=torch.channels_last)
         sizes = buckets(self.max_batch)
         dynamo = torch._dynamo.config
-        for name in ("recompile_limit", "cache_size_limit"):  # batch 1 and a dynamic batch, with room
+        for name in ("recompile_limit", "cache_size_limit"):  # one specialisation per bucket, with room
             if hasattr(dynamo, name):
                 setattr(dynamo, name, max(getattr(dynamo, name), 2 * len(sizes)))
         key = compile_key(model, torch.__version__, cuda.device_name(self.device.index),
@@ -266,7 +354,9 @@ class TorchEngine(DeviceEngine):
         self._compile_started, self._compile_cached = started, cached
         log.info("engine torch: compiling with inductor (%s)", "cached artifacts" if cached else
                  "no cached artifacts: about a minute, once per model, GPU and torch version")
-        self._run = torch.compile(self._eager, dynamic=False)  # static but the batch (marked per call)
+        # static shapes: one specialisation per batch bucket (a dynamic batch makes the compiler add
+        # guards such as batch < 16 from its convolution heuristics)
+        self._run = torch.compile(self._eager, dynamic=False)
         self.compiled = True
 
     def _compile_failed(self, exc: BaseException) -> None:
@@ -292,10 +382,7 @@ class TorchEngine(DeviceEngine):
         return state.views[key]
 
     def _forward(self, x, ys, n: int) -> None:
-        x = x[:n]
-        if self.compiled and n > 1:  # one compiled graph for every batch of 2 or more (and one for 1)
-            self.torch._dynamo.mark_dynamic(x, 0, min=2, max=self.max_batch)
-        result = self._run(x)
+        result = self._run(x[:n])
         result = result if isinstance(result, (list, tuple)) else [result]
         for y, r in zip(ys, result):
             y[:n].copy_(r)
