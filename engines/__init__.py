@@ -32,7 +32,8 @@ def create_engine(config: EngineConfig, model: PreparedModel) -> Engine:
         from engines.torch_engine import TorchEngine
 
         return TorchEngine(model, config.max_batch, fp16=config.fp16, cuda_graphs=config.cuda_graphs, device=config.device,
-                           fp32_first_convs=config.fp32_first_convs)
+                           fp32_first_convs=config.fp32_first_convs, compile=config.compile,
+                           cache_dir=config.compile_cache_dir)
     if config.kind == "tensorrt":
         from engines.tensorrt_engine import TensorRTEngine
 

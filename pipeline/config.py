@@ -184,6 +184,9 @@ class EngineConfig(_Strict):
     fp16: bool = False
     fp32_first_convs: Annotated[int, Field(ge=0, le=100_000)] = 16  # torch fp16: keep these first convolutions in fp32
     cuda_graphs: bool = False  # torch only: replay captured CUDA graphs
+    # torch only: torch.compile (inductor) with channels_last; compiled artifacts cached in compile_cache_dir
+    compile: bool = False
+    compile_cache_dir: Path = Path("cache/torch")
     # tensorrt only
     workspace_mb: Annotated[int, Field(ge=16, le=1_048_576)] = 1024  # up to 1 TiB
     plan_cache_dir: Path = Path("cache/tensorrt")

@@ -289,3 +289,26 @@ def test_gpu_letterbox_detections_match_the_cpu_path(tmp_path, cpu_frames, camer
     assert len(differences) > 500
     assert np.mean(differences) < 0.01 and np.percentile(differences, 99) < 0.1, \
         f"mean {np.mean(differences):.4f}, p99 {np.percentile(differences, 99):.4f}"
+
+
+@pytest.mark.gpu
+@gpu
+def test_compiled_engine_matches_eager_and_caches_its_artifacts(tmp_path):
+    """engine.compile: the whole model compiled (no graph left eager), CUDA graphs over it, the
+    outputs those of the eager engine, and the artifacts on disk for the next start."""
+    from engines.torch_engine import TorchEngine
+    from pipeline.lanes import LaneSet
+    from pipeline.model import prepare_model
+
+    prepared = prepare_model(MODEL, "yolox", want_batch=2)
+    images = np.random.default_rng(0).integers(0, 256, (2, 416, 416, 3), dtype=np.uint8)
+    eager = TorchEngine(prepared, 2, cuda_graphs=True)
+    expected = LaneSet(eager, 1).run_sync(images)[0]
+    compiled = TorchEngine(prepared, 2, cuda_graphs=True, compile=True, cache_dir=tmp_path)
+    lanes = LaneSet(compiled, 2)
+    assert compiled.compiled, "torch.compile fell back to eager"
+    assert list(tmp_path.glob("*.inductor")), "no compiled artifacts written"
+    for n in (1, 2):
+        out = lanes.run_sync(images[:n])[0]
+        assert np.allclose(out, expected[:n], rtol=1e-3, atol=2e-3)
+    lanes.close()

@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""The GPU engine alone, variant against variant in one run (GPU machine): eager vs compiled,
+fp16 with and without fp32 first convolutions; start-up time, GPU time a frame, lanes throughput, and the
+largest score difference from fp32 on the demo clip.
+
+    python bench/engine_variants.py [--batches 32,64] [--out bench/results]
+    python bench/engine_variants.py --startup-only --cache-dir DIR   (one compiled start, timed)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.bench_gpu import letterboxed, run_lanes  # noqa: E402
+from bench.common import CLIP, MODEL, append_results, commit  # noqa: E402
+from engines.torch_engine import TorchEngine  # noqa: E402
+from pipeline.lanes import LaneSet  # noqa: E402
+from pipeline.model import prepare_model  # noqa: E402
+
+VARIANTS = {  # name: TorchEngine options (CUDA graphs always on)
+    "eager fp32": {"fp16": False},
+    "eager fp16, first 16 convs fp32 (default)": {"fp16": True},
+    "eager fp16, all layers": {"fp16": True, "fp32_first_convs": 0},
+    "compiled fp16, first 16 convs fp32": {"fp16": True, "compile": True},
+    "compiled fp16, first 3 convs fp32": {"fp16": True, "compile": True, "fp32_first_convs": 3},
+    "compiled fp16, all layers": {"fp16": True, "compile": True, "fp32_first_convs": 0},
+}
+
+
+def start(prepared, max_batch: int, options: dict, cache_dir: Path):
+    started = time.perf_counter()
+    engine = TorchEngine(prepared, max_batch, cuda_graphs=True, cache_dir=cache_dir, **options)
+    lanes = LaneSet(engine, 1)  # warms (compiles, captures) every bucket
+    return engine, lanes, time.perf_counter() - started
+
+
+def scores(lanes: LaneSet, images: np.ndarray, batch: int) -> np.ndarray:
+    out = []
+    for i in range(0, len(images), batch):
+        y = lanes.run_sync(images[i : i + batch])[0]
+        out.append((y[..., 4:5] * y[..., 5:]).max(-1))
+    return np.concatenate(out)
+
+
+def startup_only(args) -> int:
+    prepared = prepare_model(MODEL, "yolox", want_batch=args.max_batch)
+    engine, lanes, seconds = start(prepared, args.max_batch, {"fp16": True, "compile": True}, args.cache_dir)
+    print(json.dumps({"seconds": seconds, "compiled": engine.compiled}))
+    return 0
+
+
+def timed_start(cache_dir: Path, max_batch: int) -> float:
+    """A compiled start in a fresh process with an empty inductor cache: only our artifacts help."""
+    with tempfile.TemporaryDirectory() as inductor:
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=inductor)
+        out = subprocess.run([sys.executable, __file__, "--startup-only", "--cache-dir", str(cache_dir),
+                              "--max-batch", str(max_batch)], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", default="32,64")
+    parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--frames", type=int, default=320)
+    parser.add_argument("--variants", default=";".join(VARIANTS), help="names separated by ;")
+    parser.add_argument("--startup-only", action="store_true")
+    parser.add_argument("--cache-dir", type=Path)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args()
+    if args.startup_only:
+        return startup_only(args)
+    import torch
+
+    card = torch.cuda.get_device_name()
+    batches = [int(b) for b in args.batches.split(",")]
+    images = letterboxed(CLIP, args.frames, np.empty)
+    prepared = prepare_model(MODEL, "yolox", want_batch=args.max_batch)
+    lines = [f"## Engine alone: YOLOX-Nano 416, {card}, {datetime.date.today()}, commit {commit()}", "",
+             "CUDA graphs on; GPU us/frame = median compute time of a batch on 1 lane / batch; lanes fps = 3 lanes "
+             "back to back; score diff = largest |score - the first row's| on anchors the first row scores >= 0.25 "
+             f"({args.frames} demo frames); start-up = engine + warm-up of every batch bucket up to {args.max_batch}.", "",
+             "| variant | start-up s | " + " | ".join(f"GPU us/frame b{b} | 3-lane fps b{b}" for b in batches)
+             + " | max score diff | > 0.02 |",
+             "| --- | --- | " + " | ".join("--- | ---" for _ in batches) + " | --- | --- |"]
+    record = {"date": str(datetime.date.today()), "card": card, "commit": commit(), "variants": {}}
+    reference = None
+    with tempfile.TemporaryDirectory() as cache:
+        for name in args.variants.split(";"):
+            engine, lanes, seconds = start(prepared, args.max_batch, VARIANTS[name], Path(cache) / name.replace(" ", "_"))
+            result = {"startup_s": seconds, "compiled": getattr(engine, "compiled", False)}
+            s = scores(lanes, images, 32)
+            if reference is None:
+                reference = s
+            mask = reference >= 0.25
+            diff = np.abs(s - reference)[mask]
+            lanes.close()
+            cells = []
+            for b in batches:
+                _, timings = run_lanes(engine, 1, images, b, rounds=3)
+                us = statistics.median(t.compute_end - t.h2d_end for t in timings) * 1000 / b
+                fps, _ = run_lanes(engine, 3, images, b, rounds=3)
+                cells += [f"{us:.0f}", f"{fps:.0f}"]
+                result[f"b{b}"] = {"gpu_us_per_frame": us, "lanes3_fps": fps}
+            result.update(max_diff=float(diff.max()), over_002=int((diff > 0.02).sum()))
+            lines.append(f"| {name} | {seconds:.1f} | " + " | ".join(cells) + f" | {diff.max():.4f} | {(diff > 0.02).sum()} |")
+            print(lines[-1], flush=True)
+            record["variants"][name] = result
+            engine.close()
+            del engine
+            torch.cuda.empty_cache()
+        # compiled start-up: cold (empty caches) and from our cached artifacts, each in a fresh process
+        if any("compiled" in n for n in args.variants.split(";")):
+            cache_dir = Path(cache) / "startup"
+            cold = timed_start(cache_dir, args.max_batch)
+            warm = timed_start(cache_dir, args.max_batch)
+            lines += ["", f"Compiled start-up in a fresh process with an empty inductor cache: {cold:.1f} s without "
+                      f"cached artifacts, {warm:.1f} s with them (`engine.compile_cache_dir`)."]
+            record["startup"] = {"cold_s": cold, "cached_s": warm}
+    markdown = "\n".join(lines)
+    print(markdown)
+    append_results(args.out, "gpu", markdown, record)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
