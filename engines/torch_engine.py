@@ -3,8 +3,11 @@
 The prepared ONNX graph (uint8 NHWC input, preprocessing inside) is converted in memory with
 onnx2torch and runs on the lane's own CUDA stream (`torch.cuda.ExternalStream`), reading and
 writing the lane's device buffers in place (wrapped through `__cuda_array_interface__`).
-Options: fp16 (autocast) and CUDA graphs (one captured graph per lane and batch bucket; batches
-are padded up to the next power of two so a handful of graphs cover every size).
+Options: fp16 (autocast) and CUDA graphs (one captured graph per lane, batch bucket and input
+shape; batches are padded up to the next power of two so a handful of graphs cover every size).
+With rectangle letterboxing each camera shape is its own input shape: the shapes of the configured
+cameras (`warm_shapes`) are captured at start, any other (a stream whose resolution changed) on
+its first batch.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ class _DeviceArray:
 class _LaneState:
     def __init__(self):
         self.views: dict = {}
-        self.graphs: dict[int, object] = {}
+        self.graphs: dict[tuple[int, tuple[int, int]], object] = {}  # (batch bucket, input hw) -> CUDAGraph
 
 
 # onnx2torch modules that read some inputs as Python values (shapes, axes, scales) on every call
@@ -154,6 +157,8 @@ class TorchEngine(DeviceEngine):
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
         self.max_batch = max_batch if model.batch_dynamic else 1
+        self.model = model
+        self.warm_shapes = [tuple(model.input_hw)]
         h, w = model.input_hw
         self.inputs = [TensorSpec(model.input_name, np.dtype(np.uint8), (None, h, w, 3))]
         with torch.inference_mode():
@@ -165,13 +170,14 @@ class TorchEngine(DeviceEngine):
     def create_context(self, lane: int):
         return _LaneState()
 
-    def _views(self, state: _LaneState, input_ptr: int, output_ptrs: list[int]):
-        key = (input_ptr, tuple(output_ptrs))
+    def _views(self, state: _LaneState, input_ptr: int, output_ptrs: list[int], hw: tuple[int, int]):
+        """The lane's buffers as tensors of one input shape (a smaller shape uses their start)."""
+        key = (input_ptr, tuple(output_ptrs), hw)
         if key not in state.views:
             torch = self.torch
-            x = torch.as_tensor(_DeviceArray(input_ptr, (self.max_batch, *self.inputs[0].shape[1:]), "|u1"), device=self.device)
-            ys = [torch.as_tensor(_DeviceArray(p, (self.max_batch, *spec.shape[1:]), "<f4"), device=self.device)
-                  for p, spec in zip(output_ptrs, self.outputs)]
+            x = torch.as_tensor(_DeviceArray(input_ptr, (self.max_batch, *hw, 3), "|u1"), device=self.device)
+            ys = [torch.as_tensor(_DeviceArray(p, (self.max_batch, *shape), "<f4"), device=self.device)
+                  for p, shape in zip(output_ptrs, self.output_shapes(hw))]
             state.views[key] = (x, ys)
         return state.views[key]
 
@@ -184,11 +190,16 @@ class TorchEngine(DeviceEngine):
             y[:n].copy_(r)
 
     def warmup(self, context: _LaneState, stream_ptr: int, input_ptr: int, output_ptrs: list[int]) -> None:
-        # capture every batch bucket now, not on the first batches of a running pipeline
+        # capture every batch bucket of every camera shape now, not on the first batches of a running pipeline
+        for hw in self.warm_shapes or [self.square()]:
+            self._warmup_shape(context, stream_ptr, input_ptr, output_ptrs, tuple(hw))
+
+    def _warmup_shape(self, context: _LaneState, stream_ptr: int, input_ptr: int, output_ptrs: list[int],
+                      hw: tuple[int, int]) -> None:
         size = 1
         while True:
             try:
-                self.enqueue(context, stream_ptr, input_ptr, output_ptrs, size)
+                self.enqueue(context, stream_ptr, input_ptr, output_ptrs, size, hw=hw)
             except RuntimeError as exc:
                 if not self.cuda_graphs:
                     raise
@@ -203,21 +214,23 @@ class TorchEngine(DeviceEngine):
                 break
             size = min(size * 2, self.max_batch)
 
-    def enqueue(self, context: _LaneState, stream_ptr: int, input_ptr: int, output_ptrs: list[int], batch: int) -> None:
+    def enqueue(self, context: _LaneState, stream_ptr: int, input_ptr: int, output_ptrs: list[int], batch: int,
+                hw: tuple[int, int] | None = None) -> None:
         torch = self.torch
         stream = torch.cuda.ExternalStream(stream_ptr, device=self.device)
-        x, ys = self._views(context, input_ptr, output_ptrs)
+        hw = tuple(hw) if hw is not None else self.square()
+        x, ys = self._views(context, input_ptr, output_ptrs, hw)
         with torch.cuda.stream(stream), torch.inference_mode():
             if not self.cuda_graphs:
                 self._forward(x, ys, batch)
                 return
             size = _bucket(batch, self.max_batch)  # rows past `batch` hold stale data; their outputs are ignored
-            graph = context.graphs.get(size)
+            graph = context.graphs.get((size, hw))
             if graph is None:
                 for _ in range(2):  # warm-up on this stream before capture, as CUDA graphs require
                     self._forward(x, ys, size)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
                     self._forward(x, ys, size)
-                context.graphs[size] = graph
+                context.graphs[(size, hw)] = graph
             graph.replay()
