@@ -279,6 +279,8 @@ class Pipeline:
         summary = self.status.summary()
         summary["cameras"] = {s.camera.id: s.snapshot() for s in self.sources}
         summary["subscriptions"] = self.publish.subscriptions
+        # batches per model input shape (HxW): one shape a batch, one rectangle per camera shape
+        summary["batches_by_shape"] = {f"{h}x{w}": n for (h, w), n in sorted(self.batch.batches_by_shape.items())}
         if self.publish.preview is not None:
             summary["previews_sent"] = self.publish.previews_sent
         if self.publish.event_topics:
