@@ -399,11 +399,19 @@ def two_shape_cameras(tmp_path_factory):
 def _two_cameras(tmp_path, cameras, engine: dict, name: str, runtime: dict | None = None) -> dict[str, dict]:
     import json
 
+    from conftest import Subscriber, start_cli
+
     path, config = make_config(tmp_path, cameras, name=f"{name}.yaml", engine=engine, runtime=runtime or {},
                                publish={"wait_subscribers": 1, "wait_timeout_s": 60})
-    returncode, messages, err = run_and_collect(path, config["publish"]["bind"], b"det/", "--summary-json",
-                                                str(tmp_path / f"{name}.json"), timeout=300)
-    assert returncode == 0, err
+    subscriber = Subscriber(config["publish"]["bind"], [b"det/"])
+    process = start_cli("--config", str(path), "--summary-json", str(tmp_path / f"{name}.json"))
+    try:  # until every camera's end message
+        messages = subscriber.collect(lambda ms: sum(m["type"] == "end" for _, m in ms) == len(cameras), timeout=300)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        subscriber.close()
+    assert process.returncode == 0, err
     shapes = json.loads((tmp_path / f"{name}.json").read_text())["batches_by_shape"]
     assert set(shapes) == {"416x256", "256x416"}, shapes
     frames: dict[str, dict] = {}
