@@ -87,7 +87,8 @@ def test_a_model_whose_size_cannot_change_stays_square_with_one_log_line(baked_m
                                           str(tmp_path / "summary.json"))
     assert code == 0, err[-2000:]
     assert [m["frame"] for _, m in messages if m["type"] == "detections"] == list(range(12))
-    assert json.loads((tmp_path / "summary.json").read_text())["batches_by_shape"] == {"416x416": 3}
+    shapes = json.loads((tmp_path / "summary.json").read_text())["batches_by_shape"]
+    assert set(shapes) == {"416x416"} and shapes["416x416"] >= 3  # more when a batch times out before it fills
 
 
 def _frame(camera: str, index: int, size: tuple[int, int]):
