@@ -21,6 +21,12 @@ reported per decoder.
     python bench/load.py --decoders cpu,nvdec --streams 32,48,64,80 [--workers 4] [--profile]
     python bench/load.py --quick      # the GPU check after a change to the GPU path: 64 NVDEC cameras,
                                       # 8 a worker, one window; a few minutes
+    python bench/load.py --quick --input-shapes square,rect   # rect vs square letterbox in one run
+
+`--input-shapes` runs each count with `model.letterbox` square and rect (1080p: 416x416 vs
+416x256); "GPU ms/frame" is NVML's busy share of the window divided by the frames published (a
+proxy for GPU time per frame, comparable between the two at one camera count), and "infer p50" the
+median of the frames' `latency_ms.infer` (their batch's GPU wall time, lane wait included).
 """
 
 from __future__ import annotations
@@ -93,7 +99,8 @@ def pipeline_config(clips: list[Path], streams: int, decoder: str, port: int, ar
                for i in range(streams)]
     return {
         "cameras": cameras,
-        "model": {"path": str(args.model), "preset": args.preset, "labels": str(args.labels) if args.labels else None},
+        "model": {"path": str(args.model), "preset": args.preset, "labels": str(args.labels) if args.labels else None,
+                  "letterbox": getattr(args, "input_shape", "rect")},
         "engine": {"kind": args.engine, "lanes": args.lanes, "max_batch": args.max_batch,
                    "batch_timeout_ms": args.batch_timeout_ms,
                    **({"fp16": True, "cuda_graphs": True} if args.engine == "torch" else {})},
@@ -117,7 +124,7 @@ class Collector(threading.Thread):
         self.window: tuple[float, float] | None = None
         self.first_message: float | None = None
         self.cameras_seen: set[bytes] = set()  # before the window: has every camera published yet?
-        self.rows: list[tuple[str, int, float, float, float]] = []
+        self.rows: list[tuple[str, int, float, float, float, float]] = []
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -135,7 +142,8 @@ class Collector(threading.Thread):
                 continue
             message = json.loads(header)
             if message.get("type") == "detections":
-                self.rows.append((message["camera"], message["frame"], message["capture_time"], message["publish_time"], now))
+                self.rows.append((message["camera"], message["frame"], message["capture_time"], message["publish_time"], now,
+                                  message.get("latency_ms", {}).get("infer", float("nan"))))
         self.socket.close(0)
 
 
@@ -183,9 +191,9 @@ class GpuSampler(threading.Thread):
 
 def measure(clips: list[Path], streams: int, decoder: str, args, workdir: Path, live: bool = True) -> dict:
     port = 5600 + streams + (1000 if decoder == "nvdec" else 0) + (0 if live else 2000)
-    config_path = workdir / f"load_{decoder}_{streams}.yaml"
+    config_path = workdir / f"load_{decoder}_{streams}_{getattr(args, 'input_shape', 'rect')}.yaml"
     config_path.write_text(yaml.safe_dump(pipeline_config(clips, streams, decoder, port, args, live)))
-    log_path = workdir / f"load_{decoder}_{streams}.log"
+    log_path = workdir / f"load_{decoder}_{streams}_{getattr(args, 'input_shape', 'rect')}.log"
     collector = Collector(f"tcp://127.0.0.1:{port}")
     collector.start()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -216,7 +224,7 @@ def measure(clips: list[Path], streams: int, decoder: str, args, workdir: Path, 
         if args.profile and shutil.which("py-spy"):
             profile = subprocess.Popen(["py-spy", "record", "--pid", str(process.pid), "--subprocesses", "--rate", "50",
                                         "--duration", str(int(measured_s)), "--format", "raw", "--nonblocking",
-                                        "--output", str(workdir / f"profile_{decoder}_{streams}.txt")],
+                                        "--output", str(workdir / f"profile_{decoder}_{streams}_{getattr(args, 'input_shape', 'rect')}.txt")],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(measured_s)
         cpu_used = _process_tree_cpu(process.pid) - cpu_before
@@ -230,6 +238,10 @@ def measure(clips: list[Path], streams: int, decoder: str, args, workdir: Path, 
         if gpu.samples:
             result["gpu_util_pct"] = round(statistics.mean(s[0] for s in gpu.samples), 1)
             result["nvdec_util_pct"] = round(statistics.mean(s[1] for s in gpu.samples), 1)
+            if result.get("fps_total"):  # busy share of a second / frames a second
+                result["gpu_ms_per_frame"] = round(10.0 * result["gpu_util_pct"] / result["fps_total"], 4)
+        infer = sorted(r[5] for r in collector.rows if r[5] == r[5])
+        result["infer_p50_ms"] = round(infer[len(infer) // 2], 2) if infer else None
         return result
     finally:
         collector.stop.set()
@@ -309,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-timeout-ms", type=float, default=8.0)
     parser.add_argument("--decode-threads", type=int, default=1, help="CPU decoder threads per camera")
     parser.add_argument("--letterbox", default="auto", choices=["auto", "cpu", "gpu"])
+    parser.add_argument("--input-shapes", default="rect", help="model.letterbox values to run each count with: rect, square or both")
     parser.add_argument("--letterbox-threads", type=int, default=4)
     parser.add_argument("--model", type=Path, default=MODEL)
     parser.add_argument("--preset", default="yolox")
@@ -349,30 +362,33 @@ def main() -> int:
              f"lanes {args.lanes} | max_batch {args.max_batch} | letterbox {args.letterbox} | "
              f"{args.windows} x {args.duration:g} s windows"
              + (f" | {args.label}" if args.label else ""))
-    header = ("| decoder | streams | workers | pass | fps total | fps/stream min | mean | p50 ms | p99 ms (worst) | "
-              "p99 ms per window | max ms | lost | CPU cores | GPU % | NVDEC % |")
-    lines = [f"# Load: {title}", "", header, "| " + " | ".join(["---"] * 15) + " |"]
+    header = ("| input | decoder | streams | workers | pass | fps total | fps/stream min | mean | p50 ms | p99 ms (worst) | "
+              "p99 ms per window | max ms | lost | CPU cores | GPU % | NVDEC % | GPU ms/frame | infer p50 ms |")
+    lines = [f"# Load: {title}", "", header, "| " + " | ".join(["---"] * 18) + " |"]
     print("\n".join(lines), flush=True)
     results = []
-    for decoder in args.decoders.split(","):
+    for decoder, input_shape in [(d, s) for d in args.decoders.split(",") for s in args.input_shapes.split(",")]:
+        args.input_shape = input_shape
         failures = 0
         for streams in [int(n) for n in args.streams.split(",")]:
             r = measure(clips, streams, decoder, args, workdir)
+            r["input_shape"] = input_shape
             results.append(r)
             if "error" in r:
-                line = f"| {decoder} | {streams} | error: {r['error']} |"
+                line = f"| {input_shape} | {decoder} | {streams} | error: {r['error']} |"
             else:
-                line = (f"| {decoder} | {streams} | {r['workers']} | {'yes' if r['pass'] else 'no'} | {r['fps_total']} | {r['fps_stream_min']} | "
+                line = (f"| {input_shape} | {decoder} | {streams} | {r['workers']} | {'yes' if r['pass'] else 'no'} | {r['fps_total']} | {r['fps_stream_min']} | "
                         f"{r['fps_stream_mean']} | {r['latency_p50_ms']} | {r['latency_p99_ms']} | "
                         f"{' / '.join(str(v) for v in r['latency_p99_ms_windows'])} | {r['latency_max_ms']} | "
-                        f"{r['lost_frames']} | {r['cpu_cores']} | {r.get('gpu_util_pct', '?')} | {r.get('nvdec_util_pct', '?')} |")
+                        f"{r['lost_frames']} | {r['cpu_cores']} | {r.get('gpu_util_pct', '?')} | {r.get('nvdec_util_pct', '?')} | "
+                        f"{r.get('gpu_ms_per_frame', '?')} | {r.get('infer_p50_ms', '?')} |")
             lines.append(line)
             print(line, flush=True)
-            log_tail = (workdir / f"load_{decoder}_{streams}.log").read_text(errors="replace").splitlines()
+            log_tail = (workdir / f"load_{decoder}_{streams}_{input_shape}.log").read_text(errors="replace").splitlines()
             status = [l for l in log_tail if " fps=" in l or "ERROR" in l or "WARNING" in l]
             for l in status[-4:]:
                 print(f"  log: {l[:400]}", flush=True)
-            profile = workdir / f"profile_{decoder}_{streams}.txt"
+            profile = workdir / f"profile_{decoder}_{streams}_{input_shape}.txt"
             if profile.exists():
                 top = top_functions(profile)
                 r["profile_top"] = top
@@ -381,8 +397,16 @@ def main() -> int:
                 failures += 1
                 if failures >= args.stop_after_fail:
                     break
-        best = max((r["streams"] for r in results if r["decoder"] == decoder and r.get("pass")), default=0)
-        lines.append(f"| {decoder} | largest passing N: **{best}** |")
+        best = max((r["streams"] for r in results if r["decoder"] == decoder and r["input_shape"] == input_shape
+                    and r.get("pass")), default=0)
+        lines.append(f"| {input_shape} | {decoder} | largest passing N: **{best}** |")
+    for r in results:  # rect vs square at the same count, in this run
+        twin = next((s for s in results if s["input_shape"] == "square" and s["decoder"] == r["decoder"]
+                     and s["streams"] == r["streams"]), None)
+        if r["input_shape"] == "rect" and twin and r.get("gpu_ms_per_frame") and twin.get("gpu_ms_per_frame"):
+            lines.append(f"\n{r['decoder']}, {r['streams']} cameras: GPU ms/frame square / rect = "
+                         f"**{twin['gpu_ms_per_frame'] / r['gpu_ms_per_frame']:.2f}x** (target >= 1.4x); infer p50 "
+                         f"{twin.get('infer_p50_ms')} / {r.get('infer_p50_ms')} ms")
     text = "\n".join(lines)
     print(f"\n{text}")
     append_results(args.out, "load", text, {"date": stamp, "card": card, "gpus": gpus, "commit": commit(), "args": vars(args),

@@ -22,7 +22,16 @@ def require_engine(kind: str) -> None:
         import_tensorrt()
 
 
-def create_engine(config: EngineConfig, model: PreparedModel) -> Engine:
+def create_engine(config: EngineConfig, model: PreparedModel, shapes: list[tuple[int, int]] | None = None) -> Engine:
+    """`shapes`: the input shapes the configured cameras need, most common first (GPU engines
+    prepare them at start: CUDA graphs, TensorRT's optimisation profile)."""
+    engine = _create(config, model, shapes)
+    if shapes and model.shape_dynamic and isinstance(engine, DeviceEngine):
+        engine.warm_shapes = list(dict.fromkeys(tuple(s) for s in shapes))
+    return engine
+
+
+def _create(config: EngineConfig, model: PreparedModel, shapes) -> Engine:
     if config.kind == "onnxruntime":
         from engines.onnxruntime_engine import OnnxRuntimeEngine
 
@@ -39,5 +48,6 @@ def create_engine(config: EngineConfig, model: PreparedModel) -> Engine:
 
         return TensorRTEngine(model, config.max_batch, config.lanes, fp16=config.fp16, workspace_mb=config.workspace_mb,
                               cache_dir=config.plan_cache_dir, plugins=config.plugins, min_batch=config.min_batch,
-                              opt_batch=config.opt_batch, device=config.device)
+                              opt_batch=config.opt_batch, device=config.device,
+                              opt_hw=shapes[0] if shapes and model.shape_dynamic else None)
     raise ValueError(f"unknown engine kind {config.kind!r}")

@@ -42,17 +42,38 @@ class DeviceEngine(Engine):
     execution context, for PyTorch its captured graphs) and calls `enqueue` with device pointers:
     the input is uint8 [n, H, W, 3], the outputs are float32, batch-major, `outputs` shapes.
     `enqueue` only queues work on `stream`; it must not synchronize.
+
+    A shape-dynamic model (`PreparedModel.shape_dynamic`, rectangle letterboxing) also runs inputs
+    [n, h, w, 3] smaller than the square (`hw=(h, w)`); its outputs then have `output_shapes(hw)`,
+    packed at the start of the same buffers. `warm_shapes` (set before lanes are created) are the
+    input shapes the configured cameras need: warm-up prepares each of them.
     """
+
+    model = None  # the PreparedModel
+    warm_shapes: list[tuple[int, int]] = []
 
     def create_context(self, lane: int):
         return None
 
+    def square(self) -> tuple[int, int]:
+        return tuple(self.inputs[0].shape[1:3])
+
+    def output_shapes(self, hw: tuple[int, int]) -> list[tuple[int, ...]]:
+        """Each output's shape for one image of input size `hw`."""
+        if tuple(hw) == self.square():
+            return [tuple(o.shape[1:]) for o in self.outputs]
+        if self.model is None or not self.model.shape_dynamic:
+            raise ValueError(f"engine {self.name}: the model's input is fixed at {self.square()}, not {tuple(hw)}")
+        return [self.model.output_shape(tuple(hw))]
+
     def warmup(self, context, stream_ptr: int, input_ptr: int, output_ptrs: list[int]) -> None:
         """Do the one-off work (autotuning, graph capture) before the first real batch."""
-        self.enqueue(context, stream_ptr, input_ptr, output_ptrs, self.max_batch)
+        for hw in self.warm_shapes or [self.square()]:
+            self.enqueue(context, stream_ptr, input_ptr, output_ptrs, self.max_batch, hw=hw)
 
     @abstractmethod
-    def enqueue(self, context, stream_ptr: int, input_ptr: int, output_ptrs: list[int], batch: int) -> None:
+    def enqueue(self, context, stream_ptr: int, input_ptr: int, output_ptrs: list[int], batch: int,
+                hw: tuple[int, int] | None = None) -> None:
         ...
 
     def infer(self, images: np.ndarray) -> list[np.ndarray]:

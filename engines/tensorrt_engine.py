@@ -8,7 +8,10 @@ profile. A key that does not match is a stale plan: it is rebuilt, never loaded.
 
 With dynamic shapes one optimization profile serves one execution context at a time, so the plan
 holds K identical profiles and lane k's context uses profile k. Per batch: `set_input_shape`,
-`set_tensor_address` and `execute_async_v3` on the lane's stream.
+`set_tensor_address` and `execute_async_v3` on the lane's stream. With a shape-dynamic model
+(rectangle letterboxing) each profile also ranges over the input's height and width: from one
+stride to the square, optimised for the most common camera shape (`opt_hw`); the range is part of
+the plan's key.
 
 No TensorRT build could be installed where this project is developed or on its GPU machine: this
 module is written to the TensorRT 10 Python API and its tests run only where `tensorrt` imports.
@@ -58,9 +61,11 @@ class _Logger:
 
 
 def plan_key(model: PreparedModel, trt_version: str, gpu: str, capability: tuple[int, int], fp16: bool,
-             batch_range: tuple[int, int, int], lanes: int) -> str:
+             batch_range: tuple[int, int, int], lanes: int, hw_range=None) -> str:
     fields = {"onnx": model.sha256, "tensorrt": trt_version, "gpu": gpu, "sm": f"{capability[0]}.{capability[1]}",
               "precision": "fp16" if fp16 else "fp32", "batch": list(batch_range), "profiles": lanes}
+    if hw_range is not None:  # (min hw, opt hw, max hw) of a shape-dynamic input
+        fields["hw"] = [list(hw) for hw in hw_range]
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -80,7 +85,7 @@ class TensorRTEngine(DeviceEngine):
 
     def __init__(self, model: PreparedModel, max_batch: int, lanes: int, fp16: bool = True, workspace_mb: int = 1024,
                  cache_dir: Path = Path("cache/tensorrt"), plugins: list[Path] = (), min_batch: int = 1,
-                 opt_batch: int | None = None, device: int = 0):
+                 opt_batch: int | None = None, device: int = 0, opt_hw: tuple[int, int] | None = None):
         trt = import_tensorrt()
         self.trt = trt
         cuda.set_device(device)
@@ -94,8 +99,14 @@ class TensorRTEngine(DeviceEngine):
         self.max_batch = max_batch if model.batch_dynamic else 1
         self.lanes = lanes
         batch_range = (min(min_batch, self.max_batch), min(opt_batch or self.max_batch, self.max_batch), self.max_batch)
+        self.model = model
+        h, w = model.input_hw
+        self.warm_shapes = [(h, w)]
+        # a shape-dynamic input: any multiple of the stride up to the square, tuned for the usual camera
+        self.hw_range = (((model.stride, model.stride), tuple(opt_hw or (h, w)), (h, w))
+                         if model.shape_dynamic else None)
         key = plan_key(model, trt.__version__, cuda.device_name(device), cuda.compute_capability(device), fp16,
-                       batch_range, lanes)
+                       batch_range, lanes, self.hw_range)
         cache_dir = Path(cache_dir)
         plan_path = cache_dir / f"{key}.plan"
         if plan_path.is_file():
@@ -118,7 +129,9 @@ class TensorRTEngine(DeviceEngine):
         self.inputs = [TensorSpec(model.input_name, np.dtype(np.uint8), (None, h, w, 3))]
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        self.outputs = [TensorSpec(n, np.dtype(np.float32), (None, *tuple(self.engine.get_tensor_shape(n))[1:]))
+        # a shape-dynamic plan reports -1 rows: buffers are sized for the square, the largest input
+        self.outputs = [TensorSpec(n, np.dtype(np.float32), (None, *(model.output_shape((h, w)) if model.shape_dynamic
+                                                                      else tuple(self.engine.get_tensor_shape(n))[1:])))
                         for n in self.output_names]
         for spec in self.outputs:
             if self.engine.get_tensor_dtype(spec.name) != trt.DataType.FLOAT:
@@ -137,11 +150,11 @@ class TensorRTEngine(DeviceEngine):
             if not builder.platform_has_fast_fp16:
                 log.warning("tensorrt: this GPU has no fast fp16; building fp16 anyway")
             config.set_flag(trt.BuilderFlag.FP16)
-        h, w = model.input_hw
         lo, opt, hi = batch_range
+        hw_min, hw_opt, hw_max = self.hw_range or (model.input_hw,) * 3
         for _ in range(lanes):  # one profile per lane: a profile serves one context at a time
             profile = builder.create_optimization_profile()
-            profile.set_shape(model.input_name, (lo, h, w, 3), (opt, h, w, 3), (hi, h, w, 3))
+            profile.set_shape(model.input_name, (lo, *hw_min, 3), (opt, *hw_opt, 3), (hi, *hw_max, 3))
             config.add_optimization_profile(profile)
         timing = config.create_timing_cache(timing_path.read_bytes() if timing_path.is_file() else b"")
         config.set_timing_cache(timing, ignore_mismatch=False)
@@ -160,15 +173,16 @@ class TensorRTEngine(DeviceEngine):
         context.set_optimization_profile_async(lane % self.engine.num_optimization_profiles, stream.ptr)
         stream.synchronize()
         stream.destroy()
-        return {"context": context, "batch": None}
+        return {"context": context, "shape": None}
 
-    def enqueue(self, context, stream_ptr: int, input_ptr: int, output_ptrs: list[int], batch: int) -> None:
+    def enqueue(self, context, stream_ptr: int, input_ptr: int, output_ptrs: list[int], batch: int,
+                hw: tuple[int, int] | None = None) -> None:
         ctx = context["context"]
-        if context["batch"] != batch:
-            h, w = self.inputs[0].shape[1:3]
+        h, w = tuple(hw) if hw is not None else self.square()
+        if context["shape"] != (batch, h, w):
             if not ctx.set_input_shape(self.input_name, (batch, h, w, 3)):
-                raise PipelineError(f"tensorrt: batch {batch} is outside the optimization profile")
-            context["batch"] = batch
+                raise PipelineError(f"tensorrt: input {batch}x{h}x{w} is outside the optimization profile")
+            context["shape"] = (batch, h, w)
         ctx.set_tensor_address(self.input_name, input_ptr)
         for name, ptr in zip(self.output_names, output_ptrs):
             ctx.set_tensor_address(name, ptr)

@@ -3,11 +3,14 @@
 The prepared ONNX graph (uint8 NHWC input, preprocessing inside) is converted in memory with
 onnx2torch and runs on the lane's own CUDA stream (`torch.cuda.ExternalStream`), reading and
 writing the lane's device buffers in place (wrapped through `__cuda_array_interface__`).
-Options: fp16 (autocast), CUDA graphs (one captured graph per lane and batch bucket; batches
-are padded up to the next power of two so a handful of graphs cover every size) and compile
-(`torch.compile`, inductor, channels_last weights): the compiled kernels are what the CUDA graphs
-capture. Compiled artifacts are cached on disk (`torch.compiler.save_cache_artifacts`), keyed like
-TensorRT plans; a file lock makes the worker processes of one machine compile once between them.
+Options: fp16 (autocast), CUDA graphs (one captured graph per lane, batch bucket and input shape;
+batches are padded up to the next power of two so a handful of graphs cover every size) and
+compile (`torch.compile`, inductor, channels_last weights): the compiled kernels are what the CUDA
+graphs capture. Compiled artifacts are cached on disk (`torch.compiler.save_cache_artifacts`),
+keyed like TensorRT plans; a file lock makes the worker processes of one machine compile once.
+With rectangle letterboxing each camera shape is its own input shape: the shapes of the configured
+cameras (`warm_shapes`) are captured (and compiled) at start, any other (a stream whose resolution
+changed) on its first batch.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ class _DeviceArray:
 class _LaneState:
     def __init__(self):
         self.views: dict = {}
-        self.graphs: dict[int, object] = {}
+        self.graphs: dict[tuple[int, tuple[int, int]], object] = {}  # (batch bucket, input hw) -> CUDAGraph
 
 
 # onnx2torch modules that read some inputs as Python values (shapes, axes, scales) on every call
@@ -318,6 +321,8 @@ class TorchEngine(DeviceEngine):
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
         self.max_batch = max_batch if model.batch_dynamic else 1
+        self.model = model
+        self.warm_shapes = [tuple(model.input_hw)]
         self.inputs = [TensorSpec(model.input_name, np.dtype(np.uint8), (None, h, w, 3))]
         with torch.inference_mode():
             probe = self.module(torch.zeros((1, h, w, 3), dtype=torch.uint8, device=self.device))
@@ -343,9 +348,9 @@ class TorchEngine(DeviceEngine):
         self.module = self.module.to(memory_format=torch.channels_last)
         sizes = buckets(self.max_batch)
         dynamo = torch._dynamo.config
-        for name in ("recompile_limit", "cache_size_limit"):  # one specialisation per bucket, with room
+        for name in ("recompile_limit", "cache_size_limit"):  # one specialisation per bucket and shape
             if hasattr(dynamo, name):
-                setattr(dynamo, name, max(getattr(dynamo, name), 2 * len(sizes)))
+                setattr(dynamo, name, max(getattr(dynamo, name), 256))
         key = compile_key(model, torch.__version__, cuda.device_name(self.device.index),
                           cuda.compute_capability(self.device.index), self.fp16, fp32_first_convs, sizes)
         self._compile_cache = _CompileCache(cache_dir, key)
@@ -371,13 +376,14 @@ class TorchEngine(DeviceEngine):
     def create_context(self, lane: int):
         return _LaneState()
 
-    def _views(self, state: _LaneState, input_ptr: int, output_ptrs: list[int]):
-        key = (input_ptr, tuple(output_ptrs))
+    def _views(self, state: _LaneState, input_ptr: int, output_ptrs: list[int], hw: tuple[int, int]):
+        """The lane's buffers as tensors of one input shape (a smaller shape uses their start)."""
+        key = (input_ptr, tuple(output_ptrs), hw)
         if key not in state.views:
             torch = self.torch
-            x = torch.as_tensor(_DeviceArray(input_ptr, (self.max_batch, *self.inputs[0].shape[1:]), "|u1"), device=self.device)
-            ys = [torch.as_tensor(_DeviceArray(p, (self.max_batch, *spec.shape[1:]), "<f4"), device=self.device)
-                  for p, spec in zip(output_ptrs, self.outputs)]
+            x = torch.as_tensor(_DeviceArray(input_ptr, (self.max_batch, *hw, 3), "|u1"), device=self.device)
+            ys = [torch.as_tensor(_DeviceArray(p, (self.max_batch, *shape), "<f4"), device=self.device)
+                  for p, shape in zip(output_ptrs, self.output_shapes(hw))]
             state.views[key] = (x, ys)
         return state.views[key]
 
@@ -388,11 +394,25 @@ class TorchEngine(DeviceEngine):
             y[:n].copy_(r)
 
     def warmup(self, context: _LaneState, stream_ptr: int, input_ptr: int, output_ptrs: list[int]) -> None:
-        # compile and capture every batch bucket now, not on the first batches of a running pipeline
+        # compile and capture every batch bucket of every camera shape now, not on the first batches
+        # of a running pipeline
+        for hw in self.warm_shapes or [self.square()]:
+            self._warmup_shape(context, stream_ptr, input_ptr, output_ptrs, tuple(hw))
+        if self._compile_cache is not None:  # the first lane compiled every bucket: keep them on disk
+            self.torch.cuda.synchronize(self.device)
+            if not self._compile_cached:
+                self._compile_cache.save(self.torch)
+            self._compile_cache = None
+            self.compile_seconds = time.perf_counter() - self._compile_started
+            log.info("engine torch: compiled in %.1f s (%s)", self.compile_seconds,
+                     "from cached artifacts" if self._compile_cached else "cached for the next start")
+
+    def _warmup_shape(self, context: _LaneState, stream_ptr: int, input_ptr: int, output_ptrs: list[int],
+                      hw: tuple[int, int]) -> None:
         size = 1
         while True:
             try:
-                self.enqueue(context, stream_ptr, input_ptr, output_ptrs, size)
+                self.enqueue(context, stream_ptr, input_ptr, output_ptrs, size, hw=hw)
             except Exception as exc:
                 if self.compiled:  # the compiler failed: eager, as without compile
                     self._compile_failed(exc)
@@ -412,30 +432,24 @@ class TorchEngine(DeviceEngine):
             if size >= self.max_batch or (not self.cuda_graphs and self._compile_cache is None):
                 break
             size = min(size * 2, self.max_batch)
-        if self._compile_cache is not None:  # the first lane compiled every bucket: keep them on disk
-            self.torch.cuda.synchronize(self.device)
-            if not self._compile_cached:
-                self._compile_cache.save(self.torch)
-            self._compile_cache = None
-            self.compile_seconds = time.perf_counter() - self._compile_started
-            log.info("engine torch: compiled in %.1f s (%s)", self.compile_seconds,
-                     "from cached artifacts" if self._compile_cached else "cached for the next start")
 
-    def enqueue(self, context: _LaneState, stream_ptr: int, input_ptr: int, output_ptrs: list[int], batch: int) -> None:
+    def enqueue(self, context: _LaneState, stream_ptr: int, input_ptr: int, output_ptrs: list[int], batch: int,
+                hw: tuple[int, int] | None = None) -> None:
         torch = self.torch
         stream = torch.cuda.ExternalStream(stream_ptr, device=self.device)
-        x, ys = self._views(context, input_ptr, output_ptrs)
+        hw = tuple(hw) if hw is not None else self.square()
+        x, ys = self._views(context, input_ptr, output_ptrs, hw)
         with torch.cuda.stream(stream), torch.inference_mode():
             if not self.cuda_graphs:
                 self._forward(x, ys, batch)
                 return
             size = _bucket(batch, self.max_batch)  # rows past `batch` hold stale data; their outputs are ignored
-            graph = context.graphs.get(size)
+            graph = context.graphs.get((size, hw))
             if graph is None:
                 for _ in range(2):  # warm-up on this stream before capture, as CUDA graphs require
                     self._forward(x, ys, size)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
                     self._forward(x, ys, size)
-                context.graphs[size] = graph
+                context.graphs[(size, hw)] = graph
             graph.replay()

@@ -26,6 +26,22 @@ class HostSlot:
     array: np.ndarray  # [max_batch, H, W, 3] uint8
 
 
+def batch_view(array, n: int, hw: tuple[int, int]):
+    """The first `n` images of a slot seen as a contiguous [n, h, w, 3] batch of a smaller shape.
+
+    A slot is sized for the model's largest input; a batch of rectangle-letterboxed frames uses its
+    first n*h*w*3 bytes (what engines copy and read), never a strided window of it.
+    """
+    if tuple(array.shape[1:3]) == tuple(hw):
+        return array[:n]
+    count = n * hw[0] * hw[1] * array.shape[3]
+    if count > int(np.prod(array.shape)):
+        raise ValueError(f"a batch of {n} x {hw[0]}x{hw[1]} does not fit a slot of {array.shape}")
+    if isinstance(array, np.ndarray):
+        return array.reshape(-1)[:count].reshape(n, hw[0], hw[1], array.shape[3])
+    return type(array)(array.ptr, (n, hw[0], hw[1], array.shape[3]), array.dtype)  # a DeviceArray
+
+
 class HostSlotPool:
     def __init__(self, count: int, batch_shape: tuple[int, ...], dtype=np.uint8, allocator: Allocator = numpy_allocator):
         self.slots = [HostSlot(i, allocator(batch_shape, np.dtype(dtype))) for i in range(count)]

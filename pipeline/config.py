@@ -167,6 +167,9 @@ class ModelConfig(_Strict):
     # keep only these class ids; [] would publish nothing at all. Ids the model does not have are
     # refused once the model is loaded (pipeline.model.check_classes)
     classes: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] | None = None
+    # rect: each camera is letterboxed to the smallest stride-aligned rectangle that holds its frame
+    # (416x256 for 16:9), where the model's input size can change (checked at load; else square)
+    letterbox: Literal["rect", "square"] = "rect"
 
 
 class EngineConfig(_Strict):

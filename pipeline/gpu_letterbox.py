@@ -167,7 +167,12 @@ def i420_layout(width: int, height: int) -> tuple[tuple[int, int, int], tuple[tu
 
 
 class GpuLetterboxer:
-    """Launches the letterbox kernel for one image into a row of a device batch buffer."""
+    """Launches the letterbox kernel for one image into a row of a device batch buffer.
+
+    `dst_hw` is the largest target (the model's square); a launch may target a smaller one, the
+    rectangle of the batch it writes (rectangle letterboxing), whose rows are `dst_h * dst_w * 3`
+    bytes apart.
+    """
 
     block = (32, 8, 1)
 
@@ -178,14 +183,19 @@ class GpuLetterboxer:
         self.pad_value = int(pad_value)
         self.grid = ((self.dst_w + self.block[0] - 1) // self.block[0], (self.dst_h + self.block[1] - 1) // self.block[1], 1)
 
-    def launch(self, planes: YuvPlanes, dst_ptr: int, geo: Letterbox, stream: Stream) -> None:
+    def launch(self, planes: YuvPlanes, dst_ptr: int, geo: Letterbox, stream: Stream,
+               dst_hw: tuple[int, int] | None = None) -> None:
         coefficients = yuv_coefficients(planes.matrix, planes.full_range)
+        dst_h, dst_w = dst_hw or (self.dst_h, self.dst_w)
+        if dst_h > self.dst_h or dst_w > self.dst_w:
+            raise ValueError(f"letterbox target {dst_h}x{dst_w} is larger than {self.dst_h}x{self.dst_w}")
+        grid = ((dst_w + self.block[0] - 1) // self.block[0], (dst_h + self.block[1] - 1) // self.block[1], 1)
         args = (planes.y_ptr, planes.y_pitch, planes.u_ptr, planes.v_ptr, planes.uv_pitch, planes.chroma_step,
-                planes.width, planes.height, dst_ptr, self.dst_w, self.dst_h,
+                planes.width, planes.height, dst_ptr, dst_w, dst_h,
                 geo.pad_x, geo.pad_y, geo.resized_w, geo.resized_h,
                 planes.width / geo.resized_w, planes.height / geo.resized_h,
                 *coefficients, self.pad_value, self.rgb_order)
-        check_driver(driver_api().cuLaunchKernel(self.function, *self.grid, *self.block, 0, stream.ptr, (args, _ARG_TYPES), 0),
+        check_driver(driver_api().cuLaunchKernel(self.function, *grid, *self.block, 0, stream.ptr, (args, _ARG_TYPES), 0),
                       "cuLaunchKernel(letterbox_yuv420)")
 
 

@@ -16,6 +16,7 @@ its queued messages (the last detections, the `end` messages) get their linger.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import threading
 import time
@@ -27,7 +28,7 @@ from engines import DeviceEngine, create_engine, require_engine
 from pipeline.buffers import HostSlotPool
 from pipeline.config import Config
 from pipeline.metrics import StatusReporter
-from pipeline.model import check_classes, labels_for, prepare_model, read_labels
+from pipeline.model import check_classes, labels_for, prepare_model, read_labels, rect_shape
 from pipeline.queues import BoundedQueue, Credits, FanIn
 from stages.batch import BatchStage
 from stages.infer import InferStage, LaneInferStage
@@ -40,18 +41,38 @@ from stages.track import TrackStage, tracked_cameras
 log = logging.getLogger("pipeline")
 
 
+class InputShapes:
+    """Frame -> the model input (height, width) it is letterboxed to: the square, or with a
+    shape-dynamic model the smallest stride-aligned rectangle that holds it (one per frame size)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @functools.lru_cache(maxsize=64)
+    def for_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        if not self.model.shape_dynamic:
+            return tuple(self.model.input_hw)
+        return rect_shape(size, self.model.input_hw, self.model.stride)
+
+    def __call__(self, frame) -> tuple[int, int]:
+        return self.for_size(tuple(frame.source_size))
+
+
 class Pipeline:
     def __init__(self, config: Config, publish_connect: str | None = None):
         self.config = config
         self.stop_event = threading.Event()
         cv2.setNumThreads(config.runtime.opencv_threads)
-        probe_files(config.cameras)  # an unreadable file is a config mistake: fail before loading anything
+        sizes = probe_files(config.cameras)  # an unreadable file is a config mistake: fail before loading anything
         require_engine(config.engine.kind)
         names = read_labels(config.model.labels)
-        model = prepare_model(config.model.path, config.model.preset, config.engine.max_batch)
+        model = prepare_model(config.model.path, config.model.preset, config.engine.max_batch, config.model.letterbox)
         self.labels = labels_for(names, model.num_classes, config.model.labels)
         check_classes(config.model.classes, model.num_classes)
-        self.engine = create_engine(config.engine, model)
+        self.shape_of = InputShapes(model)
+        # the file cameras' shapes, most common first: GPU engines prepare them at start
+        counts = collections.Counter(self.shape_of.for_size(size) for size in sizes.values())
+        self.engine = create_engine(config.engine, model, [shape for shape, _ in counts.most_common()] or None)
         self.model = model
         size = config.runtime.queue_size
         h, w = model.input_hw
@@ -95,7 +116,7 @@ class Pipeline:
         self.credits = credits
         self.queues = [batched, boxed, inferred, detected]
         self.batch = BatchStage(FanIn([s.outbox for s in self.sources]), batched, self.engine.max_batch,
-                                config.engine.batch_timeout_ms / 1000.0, credits)
+                                config.engine.batch_timeout_ms / 1000.0, credits, shape_of=self.shape_of)
         previews = config.publish.preview.enabled  # previews need the decoded image until publish
         preview_gate = PreviewGate(config.publish.preview.max_fps) if previews else None
         if config.letterbox_on_gpu:
@@ -258,6 +279,8 @@ class Pipeline:
         summary = self.status.summary()
         summary["cameras"] = {s.camera.id: s.snapshot() for s in self.sources}
         summary["subscriptions"] = self.publish.subscriptions
+        # batches per model input shape (HxW): one shape a batch, one rectangle per camera shape
+        summary["batches_by_shape"] = {f"{h}x{w}": n for (h, w), n in sorted(self.batch.batches_by_shape.items())}
         if self.publish.preview is not None:
             summary["previews_sent"] = self.publish.previews_sent
         if self.publish.event_topics:

@@ -87,25 +87,31 @@ class LaneSet:
                              for shape in self.output_shapes]
 
     def submit(self, images: np.ndarray | DeviceArray, tag=None, timeout: float | None = None, n: int | None = None) -> bool:
-        """Queue one batch of `n` images (uint8 [n, H, W, 3]): host memory (pinned, for real overlap) or
-        a device batch the GPU letterbox filled. False if no lane freed in time."""
+        """Queue one batch of `n` images (uint8 [n, h, w, 3]): host memory (pinned, for real overlap) or
+        a device batch the GPU letterbox filled. (h, w) is the engine's square or, for a shape-dynamic
+        model, any rectangle inside it; the outputs then have that shape's rows. False if no lane
+        freed in time."""
         try:
             lane = self._free.get(timeout=timeout)
         except queue.Empty:
             return False
         n = images.shape[0] if n is None else n
+        hw = tuple(images.shape[1:3])
+        input_bytes = int(np.prod(images.shape[1:]))  # uint8
+        output_shapes = self.engine.output_shapes(hw)
+        output_bytes = [int(np.prod(shape)) * 4 for shape in output_shapes]
         slots = [pool.acquire() for pool in self.output_pools]
         start, h2d, compute, d2h = lane.events
         try:
             start.record(lane.stream)
             if isinstance(images, DeviceArray):  # already letterboxed on the GPU: a device-to-device copy
-                copy_device_to_device(lane.d_input.ptr, images.ptr, n * self.input_bytes, lane.stream)
+                copy_device_to_device(lane.d_input.ptr, images.ptr, n * input_bytes, lane.stream)
             else:
-                copy_to_device(lane.d_input.ptr, images, n * self.input_bytes, lane.stream)
+                copy_to_device(lane.d_input.ptr, images, n * input_bytes, lane.stream)
             h2d.record(lane.stream)
-            self.engine.enqueue(lane.context, lane.stream.ptr, lane.d_input.ptr, [b.ptr for b in lane.d_outputs], n)
+            self.engine.enqueue(lane.context, lane.stream.ptr, lane.d_input.ptr, [b.ptr for b in lane.d_outputs], n, hw=hw)
             compute.record(lane.stream)
-            for slot, buffer, nbytes in zip(slots, lane.d_outputs, self.output_bytes):
+            for slot, buffer, nbytes in zip(slots, lane.d_outputs, output_bytes):
                 copy_to_host(slot.array, buffer.ptr, n * nbytes, lane.stream)
             d2h.record(lane.stream)
         except BaseException:
@@ -114,7 +120,7 @@ class LaneSet:
                 pool.release(slot)
             self._free.put(lane)
             raise
-        lane.work = (tag, n, slots)
+        lane.work = (tag, n, slots, output_shapes)
         with self._order:
             self._in_flight.append(lane)
         return True
@@ -129,12 +135,14 @@ class LaneSet:
             lane = self._in_flight.popleft()
         start, h2d, compute, d2h = lane.events
         d2h.wait()
-        tag, n, slots = lane.work
+        tag, n, slots, output_shapes = lane.work
         ref = self.reference
         timing = BatchTiming(lane.index, n, start.since(ref), h2d.since(ref), compute.since(ref), d2h.since(ref))
         lane.work = None
         self._free.put(lane)
-        outputs = [slot.array[:n] for slot in slots]
+        # a smaller input shape fills the start of each output slot: seen as [n, its rows, ...]
+        outputs = [slot.array.reshape(-1)[: n * int(np.prod(shape))].reshape(n, *shape)
+                   for slot, shape in zip(slots, output_shapes)]
 
         def release() -> None:
             for pool, slot in zip(self.output_pools, slots):
@@ -144,6 +152,10 @@ class LaneSet:
 
     def run_sync(self, images: np.ndarray) -> list[np.ndarray]:
         outputs = []
+        if tuple(images.shape[1:3]) != self.image_shape[:2]:  # another shape: staged in a pinned buffer like a slot's
+            staged = self.allocator(images.shape, np.uint8)
+            staged[...] = images
+            images = staged
         for i in range(0, len(images), self.engine.max_batch):
             chunk = np.ascontiguousarray(images[i : i + self.engine.max_batch])
             self.submit(chunk)

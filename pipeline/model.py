@@ -8,7 +8,11 @@ graph the engines run:
   cast, reorder channels, scale and transpose to the model's float NCHW input, so that uint8
   crosses PCIe and the conversion runs wherever the engine runs;
 - where the model is fixed at batch 1, a batch-dynamic graph, made by a checked edit of its
-  Reshape constants (batch-N output must equal N batch-1 outputs; otherwise batch 1 is kept).
+  Reshape constants (batch-N output must equal N batch-1 outputs; otherwise batch 1 is kept);
+- with `model.letterbox: rect`, an input whose height and width are dynamic, so that each camera
+  is letterboxed to the smallest stride-aligned rectangle that holds its frame instead of the
+  square (checked: the graph still computes the same outputs at the square size, and runs at a
+  landscape and a portrait rectangle with one output row per grid cell; otherwise it stays square).
 """
 
 from __future__ import annotations
@@ -57,6 +61,17 @@ class PreparedModel:
     batch_dynamic: bool  # False: the engine must run one image at a time
     preset: Preset
     sha256: str  # of the prepared graph: keys engine caches
+    # True: the graph takes any input height and width that are multiples of `stride` up to
+    # `input_hw` (the letterbox targets each camera's rectangle); False: `input_hw` only
+    shape_dynamic: bool = False
+    stride: int = 32
+    rows_per_cell: int = 1  # output rows per cell of the stride grids (YOLOv5: 3 anchors)
+
+    def output_shape(self, hw: tuple[int, int]) -> tuple[int, int]:
+        """One image's shape of the first output for an input of `hw` (rows follow the grid)."""
+        rows = self.rows_per_cell * grid_rows(hw, self.preset.strides)
+        values = self.num_classes + (4 if self.preset.layout == "yolov8" else 5)
+        return (values, rows) if self.preset.layout == "yolov8" else (rows, values)
 
 
 def _dims(value_info) -> list:
@@ -154,6 +169,78 @@ def _make_batch_dynamic(model) -> bool:
     return edited
 
 
+def _make_shape_dynamic(model, layout: str) -> None:
+    """Mark the input's height and width (and the output's row count) as dynamic.
+
+    Fully convolutional detectors compute every later shape from the input's (YOLOX's Reshape
+    constants are [N, 85, -1], its upsampling is by scale); a graph that baked a size in fails the
+    check in `_shape_dynamic_problem` instead.
+    """
+    graph = model.graph
+    dims = graph.input[0].type.tensor_type.shape.dim  # [batch, H, W, 3] after _prepend_preprocessing
+    dims[1].dim_param, dims[2].dim_param = "height", "width"
+    rows_axis = 2 if layout == "yolov8" else 1
+    for output in graph.output:
+        out = output.type.tensor_type.shape.dim
+        if len(out) > rows_axis:
+            out[rows_axis].dim_param = "rows"
+    del graph.value_info[:]  # inferred intermediate shapes would pin the square again
+
+
+def check_shapes(hw: tuple[int, int], stride: int) -> list[tuple[int, int]]:
+    """The rectangles the shape check runs: a 16:9 landscape and a 9:16 portrait camera's."""
+    shapes = []
+    for src_w, src_h in ((16, 9), (9, 16)):
+        shape = rect_shape((src_w * 120, src_h * 120), hw, stride)
+        if shape != tuple(hw) and shape not in shapes:
+            shapes.append(shape)
+    return shapes
+
+
+def _shape_dynamic_problem(exported: bytes, dynamic: bytes, input_name: str, hw: tuple[int, int], preset: Preset,
+                           rows_per_cell: int, path: Path) -> str | None:
+    """Why the H/W-dynamic graph cannot be used (None: it can).
+
+    It must compute what the exported graph computes at the square size, run at a landscape and
+    a portrait rectangle, and give there one output row per grid cell (postprocess decodes with
+    that grid). Raw outputs at a rectangle are not compared with the same image padded to the
+    square: convolutions see the padding (zeros at the rectangle's edge, pad pixels in the square),
+    which moves YOLOX-Nano's scores by up to 0.2 even 128 px from the edge (measured); the
+    detections are compared on real video instead (tests/test_rect_letterbox.py).
+    """
+    reference = _check_session(exported, path)  # the graph as exported must load (else the user's error)
+    try:
+        session = _check_session(dynamic, path, severity=4)  # a failing run is the answer here, not an error to log
+    except ModelError as exc:
+        return f"the graph with a dynamic input size does not load ({exc})"
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (1, *hw, 3), dtype=np.uint8)
+    expected, got = reference.run(None, {input_name: images}), session.run(None, {input_name: images})
+    if not all(np.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(expected, got)):
+        return f"the graph with a dynamic input size computes other outputs at {hw[0]}x{hw[1]}"
+    for shape in check_shapes(hw, preset.strides[-1]):
+        images = rng.integers(0, 256, (1, *shape, 3), dtype=np.uint8)
+        try:
+            outputs = session.run(None, {input_name: images})
+        except Exception as exc:
+            return f"it does not run at {shape[0]}x{shape[1]} ({ort_message(exc, 120)})"
+        rows_axis = 2 if preset.layout == "yolov8" else 1
+        rows, need = outputs[0].shape[rows_axis], rows_per_cell * grid_rows(shape, preset.strides)
+        if rows != need:
+            return f"at {shape[0]}x{shape[1]} it gives {rows} output rows, not one per grid cell ({need})"
+    return None
+
+
+def rect_shape(source_size: tuple[int, int], input_hw: tuple[int, int], stride: int) -> tuple[int, int]:
+    """The smallest (height, width), multiples of `stride`, that hold a `source_size` (w, h) frame
+    scaled to fit `input_hw`: 768x432 in 416x416 -> (256, 416), as Ultralytics' rect letterbox."""
+    src_w, src_h = source_size
+    ratio = min(input_hw[1] / src_w, input_hw[0] / src_h)
+    resized_w = max(1, min(input_hw[1], int(round(src_w * ratio))))
+    resized_h = max(1, min(input_hw[0], int(round(src_h * ratio))))
+    return (min(input_hw[0], -(-resized_h // stride) * stride), min(input_hw[1], -(-resized_w // stride) * stride))
+
+
 def _onnx_div(a, b):
     """ONNX Div: integer division truncates (dimensions are never negative here)."""
     return a // b if np.issubdtype(np.asarray(a).dtype, np.integer) else a / b
@@ -167,7 +254,7 @@ def _fold_static_shape_arithmetic(model) -> int:
 
     Exporters compute, say, a channel split from `x.shape[1]` at run time. In PyTorch (the torch
     engine) each such value becomes a tensor read back by the host: a sync every call, and no CUDA
-    graph capture. Only dimensions other than the batch are folded, so the batch stays free.
+    graph capture. Only fixed dimensions are folded, so the batch (and a dynamic H/W) stays free.
     Returns the number of nodes folded.
     """
     from onnx import numpy_helper, shape_inference
@@ -185,12 +272,13 @@ def _fold_static_shape_arithmetic(model) -> int:
         result = None
         if node.op_type == "Shape" and not node.attribute:
             dims = shapes.get(node.input[0])
-            if dims and all(isinstance(d, int) for d in dims[1:]):
+            if dims:
                 shape_of[node.output[0]] = dims
         elif node.op_type == "Gather" and node.input[0] in shape_of and node.input[1] in values:
             dims = shape_of[node.input[0]]
             index = np.asarray(values[node.input[1]]).astype(np.int64) % len(dims)
-            if not np.any(index == 0):  # never the batch
+            # never the batch, nor a dynamic height or width: only dimensions fixed for every input
+            if not np.any(index == 0) and all(isinstance(dims[i], int) for i in index.flat):
                 result = np.array([dims[i] for i in index.flat], np.int64).reshape(index.shape)
         elif node.op_type in _FOLDABLE and all(i in values for i in node.input):
             first = np.asarray(values[node.input[0]])
@@ -222,7 +310,7 @@ def ort_message(exc: BaseException, limit: int = 200) -> str:
     return text[:limit]
 
 
-def _check_session(onnx_bytes: bytes, path: Path):
+def _check_session(onnx_bytes: bytes, path: Path, severity: int = 3):
     """An ONNX Runtime CPU session for the checks below (the graph edits are verified by running them).
 
     A model ONNX Runtime cannot load (an op it does not know, an opset from the future) cannot be
@@ -231,7 +319,7 @@ def _check_session(onnx_bytes: bytes, path: Path):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = severity
     try:
         return ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
     except Exception as exc:
@@ -328,21 +416,52 @@ def _num_classes(output_dims: list, layout: str, path: Path) -> int:
     return values - 4
 
 
-def prepare_model(path: Path, preset_name: str, want_batch: int = 1) -> PreparedModel:
+def _rows_per_cell(output_dims: list, preset: Preset, hw: tuple[int, int]) -> int | None:
+    """Output rows per grid cell at the square size (1 anchor-free, 3 for YOLOv5); None if not whole."""
+    rows = output_dims[2] if preset.layout == "yolov8" else output_dims[1]
+    cells = grid_rows(hw, preset.strides)
+    if not isinstance(rows, int) or rows % cells:
+        return None
+    return rows // cells
+
+
+def prepare_model(path: Path, preset_name: str, want_batch: int = 1, letterbox: str = "square") -> PreparedModel:
+    """The graph the engines run. `letterbox="rect"` asks for a dynamic input height and width (kept
+    only if the check passes; otherwise one log line says why and the model stays square)."""
     preset = PRESETS[preset_name]
     model = load_onnx(path)
     hw, batch_dim = _prepend_preprocessing(model, preset)
     if len(model.graph.output) < 1:
         raise ModelError(f"model.path: {path}: the model has no outputs")
-    num_classes = _num_classes(_dims(model.graph.output[0]), preset.layout, path)
-    _check_rows(_dims(model.graph.output[0]), preset, hw, path)
+    output_dims = _dims(model.graph.output[0])
+    num_classes = _num_classes(output_dims, preset.layout, path)
+    _check_rows(output_dims, preset, hw, path)
     batch_dynamic = not isinstance(batch_dim, int)
     if not batch_dynamic and batch_dim != 1:
         raise ModelError(f"model.path: {path}: fixed batch {batch_dim} is not supported; export with batch 1 or a dynamic batch")
     onnx_bytes = model.SerializeToString()
+    shape_dynamic, rows_per_cell = False, _rows_per_cell(output_dims, preset, hw) or 1
+    loads = False  # ONNX Runtime loaded the graph as exported (the edits are checked against it)
+    if letterbox == "rect":
+        dynamic = type(model)()
+        dynamic.CopyFrom(model)
+        _make_shape_dynamic(dynamic, preset.layout)
+        candidate = dynamic.SerializeToString()
+        if len(model.graph.output) != 1:
+            problem = f"it has {len(model.graph.output)} outputs (one is supported)"
+        elif _rows_per_cell(output_dims, preset, hw) is None:
+            problem = f"its output rows ({output_dims}) are not a whole number per grid cell"
+        else:
+            problem = _shape_dynamic_problem(onnx_bytes, candidate, INPUT_NAME, hw, preset, rows_per_cell, path)
+            loads = True  # it raised a ModelError otherwise
+        if problem is None:
+            model, onnx_bytes, shape_dynamic = dynamic, candidate, True
+            log.info("model %s: input size dynamic, letterbox to each camera's rectangle (checked at %s)", Path(path).name,
+                     ", ".join(f"{h}x{w}" for h, w in check_shapes(hw, preset.strides[-1])))
+        else:
+            log.warning("model %s: letterbox stays square %dx%d: %s", Path(path).name, hw[0], hw[1], problem)
     folded = type(model)()
     folded.CopyFrom(model)
-    loads = False  # ONNX Runtime loaded the graph as exported (the edits are checked against it)
     if _fold_static_shape_arithmetic(folded):
         loads = True  # _same_outputs raises a ModelError if it does not
         candidate = folded.SerializeToString()
@@ -373,4 +492,7 @@ def prepare_model(path: Path, preset_name: str, want_batch: int = 1) -> Prepared
         batch_dynamic=batch_dynamic,
         preset=preset,
         sha256=hashlib.sha256(onnx_bytes).hexdigest(),
+        shape_dynamic=shape_dynamic,
+        stride=preset.strides[-1],
+        rows_per_cell=rows_per_cell,
     )

@@ -83,6 +83,7 @@ class FrameBatch:
     outputs: list[np.ndarray] | None = None  # raw engine outputs, batch-major
     release: object | None = None  # callable that frees pinned output slots once postprocess is done
     credit: object | None = None  # a pipeline.queues.Credits held from batching until inference is done
+    input_hw: tuple[int, int] | None = None  # the model input (height, width) every frame of the batch is letterboxed to
 
     def release_credit(self) -> None:
         if self.credit is not None:

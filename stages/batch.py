@@ -4,11 +4,17 @@ A batch is sent when it is full or when `timeout` has passed since its first fra
 that stalls never holds the others back. Frames of one camera keep their order. With `credits`
 (live cameras) a batch is only started once fewer than `credits.count` batches are in flight, so
 frames wait where the newest are kept: in the camera queues.
+
+A batch has one input shape. With rectangle letterboxing (`shape_of` gives each frame the
+model input it is letterboxed to) frames are grouped by shape: one pending batch per shape, each
+with its own timeout, so a camera of another shape (portrait, another aspect ratio, a stream whose
+resolution changed) neither waits for nor splits the others' batches.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 from pipeline.queues import CLOSED, Aborted, BoundedQueue, Credits, FanIn
 from pipeline.record import Frame, FrameBatch
@@ -18,14 +24,17 @@ from pipeline.stage import Stage
 class BatchStage(Stage):
     name = "batch"
 
-    def __init__(self, inbox: FanIn, outbox: BoundedQueue, max_batch: int, timeout_s: float, credits: Credits | None = None):
+    def __init__(self, inbox: FanIn, outbox: BoundedQueue, max_batch: int, timeout_s: float, credits: Credits | None = None,
+                 shape_of: Callable[[Frame], tuple[int, int]] | None = None):
         super().__init__(inbox, outbox)
         self.max_batch = max_batch
         self.timeout_s = timeout_s
         self.credits = credits
+        self.shape_of = shape_of or (lambda frame: None)
         self._holding_credit = False
-        self._pending: list[Frame] = []
-        self._deadline = 0.0
+        self._pending: dict[tuple[int, int] | None, list[Frame]] = {}  # per input shape, oldest group first
+        self._deadlines: dict[tuple[int, int] | None, float] = {}
+        self.batches_by_shape: dict[tuple[int, int] | None, int] = {}
 
     def loop(self) -> None:
         try:
@@ -40,29 +49,40 @@ class BatchStage(Stage):
             if self.credits is not None and not self._holding_credit:
                 if not self.credits.acquire(timeout=0.5):
                     if self.credits.closed:  # torn down (shutdown deadline passed): nothing will give one back
-                        self.metrics.drop("stopped", len(self._pending))
-                        self._pending = []
+                        self.metrics.drop("stopped", sum(map(len, self._pending.values())))
+                        self._pending, self._deadlines = {}, {}
                         raise Aborted("batch credits closed")
                     continue  # every batch in flight is still being inferred; frames wait upstream
                 self._holding_credit = True
-            wait = None if not self._pending else max(0.0, self._deadline - time.monotonic())
+            wait = None if not self._pending else max(0.0, min(self._deadlines.values()) - time.monotonic())
             item = self.inbox.get(timeout=wait if wait is not None else 0.5)
             if item is CLOSED:
                 return
-            if item is None:
-                if self._pending and time.monotonic() >= self._deadline:
-                    self._send()
-                continue
-            self.metrics.items_in += 1
-            if not self._pending:
-                self._deadline = time.monotonic() + self.timeout_s
-            item.mark("batch")
-            self._pending.append(item)
-            if len(self._pending) >= self.max_batch:
-                self._send()
+            if item is not None:
+                self.metrics.items_in += 1
+                shape = self.shape_of(item)
+                group = self._pending.get(shape)
+                if group is None:
+                    group = self._pending[shape] = []
+                    self._deadlines[shape] = time.monotonic() + self.timeout_s
+                item.mark("batch")
+                group.append(item)
+                if len(group) >= self.max_batch:
+                    self._send(shape)
+            self._send_due()
 
-    def _send(self) -> None:
-        batch, self._pending = FrameBatch(self._pending), []
+    def _send_due(self) -> None:
+        """Send the groups whose timeout passed, oldest first; with credits, one per credit held."""
+        now = time.monotonic()
+        for shape in [s for s, deadline in sorted(self._deadlines.items(), key=lambda kv: kv[1]) if deadline <= now]:
+            if self.credits is not None and not self._holding_credit:
+                return  # the loop waits for the next credit first
+            self._send(shape)
+
+    def _send(self, shape) -> None:
+        batch = FrameBatch(self._pending.pop(shape), input_hw=shape)
+        del self._deadlines[shape]
+        self.batches_by_shape[shape] = self.batches_by_shape.get(shape, 0) + 1
         if self._holding_credit:
             batch.credit, self._holding_credit = self.credits, False
         waited = time.monotonic() - batch.frames[0].marks["batch"]
@@ -70,8 +90,8 @@ class BatchStage(Stage):
         self.emit(batch)
 
     def flush(self) -> None:
-        if self._pending:
-            self._send()
+        for shape in sorted(self._deadlines, key=self._deadlines.get):
+            self._send(shape)
 
     def discard(self, batch) -> None:
         if isinstance(batch, FrameBatch):

@@ -1,7 +1,9 @@
 """Letterbox stage: resizes each frame of a batch straight into its row of a host slot.
 
 The long side is scaled to the model input, the rest padded with a constant, aligned to the
-centre (YOLOv5/v8) or the top-left corner (YOLOX). The slot stays uint8 BGR: colour order,
+centre (YOLOv5/v8) or the top-left corner (YOLOX). The target is the batch's input shape: the
+model's square, or with rectangle letterboxing the smallest stride-aligned rectangle that holds
+the frame (`pipeline.model.rect_shape`; the batch stage groups frames by it). The slot stays uint8 BGR: colour order,
 scaling and layout are applied inside the model graph (see pipeline/model.py). The geometry is
 kept on each frame so that postprocess can map boxes back to source pixels.
 """
@@ -14,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import cv2
 import numpy as np
 
-from pipeline.buffers import HostSlotPool
+from pipeline.buffers import HostSlotPool, batch_view
 from pipeline.model import Preset
 from pipeline.queues import Aborted, BoundedQueue
 from pipeline.record import FrameBatch, Letterbox
@@ -95,12 +97,15 @@ class LetterboxStage(_SlotFillingStage):
         self._workers = ThreadPoolExecutor(threads, thread_name_prefix="letterbox") if threads > 1 else None
 
     def process(self, batch: FrameBatch) -> None:
-        self._take_slot(batch)
+        slot = self._take_slot(batch)
+        if batch.input_hw is None:
+            batch.input_hw = tuple(slot.array.shape[1:3])
+        images = batch_view(slot.array, len(batch.frames), batch.input_hw)
         rows = range(len(batch.frames))
         if self._workers is not None and len(batch.frames) > 1:
-            geometries = list(self._workers.map(lambda row: self._letterbox_row(batch, row), rows))
+            geometries = list(self._workers.map(lambda row: self._letterbox_row(batch, images, row), rows))
         else:
-            geometries = [self._letterbox_row(batch, row) for row in rows]
+            geometries = [self._letterbox_row(batch, images, row) for row in rows]
         for frame, geometry in zip(batch.frames, geometries):
             frame.letterbox = geometry
             if not self.keep_images:
@@ -108,8 +113,8 @@ class LetterboxStage(_SlotFillingStage):
             frame.mark("letterbox")
         self.emit(batch)
 
-    def _letterbox_row(self, batch: FrameBatch, row: int) -> Letterbox:
-        return letterbox_into(batch.frames[row].image, batch.slot.array[row], self.preset.align, self.preset.pad_value)
+    def _letterbox_row(self, batch: FrameBatch, images: np.ndarray, row: int) -> Letterbox:
+        return letterbox_into(batch.frames[row].image, images[row], self.preset.align, self.preset.pad_value)
 
     def on_stop(self) -> None:
         if self._workers is not None:
@@ -153,11 +158,14 @@ class GpuLetterboxStage(_SlotFillingStage):
 
     def process(self, batch: FrameBatch) -> None:
         slot = self._take_slot(batch)
-        dst_h, dst_w = slot.array.shape[1:3]
+        if batch.input_hw is None:
+            batch.input_hw = tuple(slot.array.shape[1:3])
+        images = batch_view(slot.array, len(batch.frames), batch.input_hw)  # a DeviceArray of the batch's shape
+        dst_h, dst_w = batch.input_hw
         for row, frame in enumerate(batch.frames):
             planes = self._planes(frame, row)
             geometry = letterbox_geometry(planes.width, planes.height, dst_w, dst_h, self.preset.align)
-            self.letterboxer.launch(planes, slot.array.row_ptr(row), geometry, self.stream)
+            self.letterboxer.launch(planes, images.row_ptr(row), geometry, self.stream, dst_hw=batch.input_hw)
             frame.letterbox = geometry
         self.done.record(self.stream)
         self.done.wait()  # polls, so other threads keep the GIL meanwhile

@@ -133,9 +133,10 @@ class PostprocessStage(Stage):
 
     def _detect_all(self, batch: FrameBatch) -> None:
         output = batch.outputs[0]
+        input_hw = batch.input_hw or self.input_hw  # the batch's rectangle: its grid decodes the rows
         for row, frame in enumerate(batch.frames):
             try:
-                frame.detections = detect(output[row], self.layout, self.input_hw, frame.letterbox, frame.source_size,
+                frame.detections = detect(output[row], self.layout, input_hw, frame.letterbox, frame.source_size,
                                           self.conf, self.iou, self.max_det, self.strides, self.classes)
             except Exception as exc:  # one bad output row costs its frame, not the batch
                 self.metrics.drop("error")

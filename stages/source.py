@@ -83,13 +83,15 @@ def _classify(exc: BaseException) -> str:
 MISSING_FRAMES_WARN_FRACTION = 0.02
 
 
-def probe_files(cameras: list[CameraConfig]) -> None:
-    """Open every file camera and decode its first frame before anything starts.
+def probe_files(cameras: list[CameraConfig]) -> dict[str, tuple[int, int]]:
+    """Open every file camera and decode its first frame before anything starts; return each file
+    camera's first frame size (width, height), which engines prepare their input shapes for.
 
     A file that cannot be played is the user's to fix (exit 2, one line, `--check` too), and
     finding it mid-run would cut the other cameras off. Live cameras are not probed: they may
     come up later, and reconnecting is their normal life.
     """
+    sizes = {}
     for i, camera in enumerate(cameras):
         if not camera.is_file:
             continue
@@ -103,11 +105,14 @@ def probe_files(cameras: list[CameraConfig]) -> None:
                 if not container.streams.video:
                     kinds = sorted({s.type for s in container.streams}) or ["no streams"]
                     raise ConfigError(f"{where}: no video stream (the file has {', '.join(kinds)})")
-                if next(container.decode(video=0), None) is None:
+                first = next(container.decode(video=0), None)
+                if first is None:
                     raise ConfigError(f"{where}: no frame could be decoded")
+                sizes[camera.id] = (first.width, first.height)
         except (av.error.FFmpegError, OSError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc)
             raise ConfigError(f"{where}: cannot be read as a video ({reason})") from None
+    return sizes
 
 
 def _open_arguments(camera: CameraConfig) -> dict:

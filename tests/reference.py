@@ -2,7 +2,9 @@
 
 It follows the model's published recipe (top-left letterbox padded with 114, BGR raw 0-255 floats
 in NCHW, grid/stride decode, objectness x class score, per-class NMS) on the original ONNX file,
-so the pipeline's detections can be checked against it.
+so the pipeline's detections can be checked against it. With `rect=True` it letterboxes as
+Ultralytics' rect mode does (pad only up to the next multiple of 32 of the resized frame) and runs
+the same file with its input's height and width declared free.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import av
 import cv2
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 INPUT = 416
@@ -27,10 +30,14 @@ def read_frames(path, wanted: set[int]) -> dict[int, np.ndarray]:
     return frames
 
 
-def preprocess(image: np.ndarray) -> tuple[np.ndarray, float]:
-    padded = np.full((INPUT, INPUT, 3), 114, np.uint8)
+def preprocess(image: np.ndarray, rect: bool = False) -> tuple[np.ndarray, float]:
     r = min(INPUT / image.shape[0], INPUT / image.shape[1])
     resized = cv2.resize(image, (int(round(image.shape[1] * r)), int(round(image.shape[0] * r))), interpolation=cv2.INTER_LINEAR)
+    if rect:
+        height, width = (int(np.ceil(n / 32) * 32) for n in resized.shape[:2])
+    else:
+        height = width = INPUT
+    padded = np.full((height, width, 3), 114, np.uint8)
     padded[: resized.shape[0], : resized.shape[1]] = resized
     return padded.transpose(2, 0, 1)[None].astype(np.float32), r
 
@@ -52,13 +59,14 @@ def _nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> list[int]:
     return keep
 
 
-def postprocess(output: np.ndarray, ratio: float, width: int, height: int, conf: float, iou: float) -> list[dict]:
+def postprocess(output: np.ndarray, ratio: float, width: int, height: int, conf: float, iou: float,
+                input_hw: tuple[int, int] = (INPUT, INPUT)) -> list[dict]:
     grids, strides = [], []
     for s in STRIDES:
-        n = INPUT // s
-        ys, xs = np.mgrid[0:n, 0:n]
+        nh, nw = input_hw[0] // s, input_hw[1] // s
+        ys, xs = np.mgrid[0:nh, 0:nw]
         grids.append(np.stack((xs.ravel(), ys.ravel()), 1))
-        strides.append(np.full((n * n, 1), s))
+        strides.append(np.full((nh * nw, 1), s))
     grid, stride = np.concatenate(grids), np.concatenate(strides)
     pred = output[0].copy()
     pred[:, :2] = (pred[:, :2] + grid) * stride
@@ -82,16 +90,21 @@ def postprocess(output: np.ndarray, ratio: float, width: int, height: int, conf:
 
 
 class ReferenceDetector:
-    def __init__(self, model_path, conf: float = 0.3, iou: float = 0.45):
+    def __init__(self, model_path, conf: float = 0.3, iou: float = 0.45, rect: bool = False):
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-        self.conf, self.iou = conf, iou
+        model = onnx.load(str(model_path))
+        if rect:  # the exported graph is fully convolutional; only its declared input size is fixed
+            dims = model.graph.input[0].type.tensor_type.shape.dim
+            dims[2].dim_param, dims[3].dim_param = "h", "w"
+            model.graph.output[0].type.tensor_type.shape.dim[1].dim_param = "anchors"
+        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        self.conf, self.iou, self.rect = conf, iou, rect
 
     def __call__(self, image: np.ndarray) -> list[dict]:
-        blob, ratio = preprocess(image)
+        blob, ratio = preprocess(image, self.rect)
         output = self.session.run(None, {self.session.get_inputs()[0].name: blob})[0]
-        return postprocess(output, ratio, image.shape[1], image.shape[0], self.conf, self.iou)
+        return postprocess(output, ratio, image.shape[1], image.shape[0], self.conf, self.iou, blob.shape[2:])
 
 
 def iou(a, b) -> float:

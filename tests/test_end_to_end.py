@@ -1,5 +1,6 @@
 """The main job as a user runs it: the CLI on the demo clip, a real ZeroMQ subscriber, and the
-detections checked against a plain per-frame implementation of the same model."""
+detections checked against a plain per-frame implementation of the same model (with the
+default rectangle letterbox; tests/test_rect_letterbox.py compares it with the square one)."""
 
 import pytest
 
@@ -63,7 +64,7 @@ def test_detections_equal_a_plain_per_frame_implementation(demo_run):
     by_frame = {m["frame"]: m for _, m in messages if m["type"] == "detections"}
     sample = set(range(0, CLIP_FRAMES, 23))
     frames = read_frames(PERSON_CLIP, sample)
-    reference = ReferenceDetector(MODEL, conf=0.3, iou=0.45)
+    reference = ReferenceDetector(MODEL, conf=0.3, iou=0.45, rect=True)  # the default letterbox: rect
     compared_boxes = 0
     for index in sorted(sample):
         expected = reference(frames[index])

@@ -291,6 +291,157 @@ def test_gpu_letterbox_detections_match_the_cpu_path(tmp_path, cpu_frames, camer
         f"mean {np.mean(differences):.4f}, p99 {np.percentile(differences, 99):.4f}"
 
 
+# -- rectangle letterbox (dynamic input shape) on the GPU ------------------------------------------
+
+RECT_SHAPES = [(256, 416), (416, 256)]  # 16:9 and 9:16 cameras at 416
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("graphs", [False, True])
+def test_lanes_run_every_input_shape_with_a_graph_per_lane_bucket_and_shape(graphs):
+    """A shape-dynamic model on torch lanes: the configured shapes are captured at start (one CUDA
+    graph per lane, batch bucket and shape), another shape on its first batch; batches of mixed
+    shapes come back in order with ONNX Runtime's outputs at the same shape."""
+    from engines.onnxruntime_engine import OnnxRuntimeEngine
+    from engines.torch_engine import TorchEngine
+    from pipeline.lanes import LaneSet
+    from pipeline.model import prepare_model
+
+    prepared = prepare_model(MODEL, "yolox", want_batch=8, letterbox="rect")
+    assert prepared.shape_dynamic
+    reference = OnnxRuntimeEngine(prepared, 8, 8)
+    engine = TorchEngine(prepared, 8, cuda_graphs=graphs)
+    engine.warm_shapes = list(RECT_SHAPES)
+    lane_set = LaneSet(engine, 2)
+    if graphs:
+        for lane in lane_set.lanes:
+            assert set(lane.context.graphs) == {(b, s) for b in (1, 2, 4, 8) for s in RECT_SHAPES}
+    rng = np.random.default_rng(9)
+    plan = [(8, RECT_SHAPES[0]), (3, RECT_SHAPES[1]), (5, (320, 416)), (1, RECT_SHAPES[0]), (8, (416, 416)), (2, RECT_SHAPES[1])]
+    batches = [rng.integers(0, 256, (n, *hw, 3), dtype=np.uint8) for n, hw in plan]
+    pending, results = list(batches), []
+    while pending or lane_set.in_flight:
+        while pending and lane_set.submit(pending[0], tag=len(results) + lane_set.in_flight, timeout=0):
+            pending.pop(0)
+        tag, outputs, _, release = lane_set.complete()
+        results.append((tag, outputs[0].copy()))
+        release()
+    assert [tag for tag, _ in results] == list(range(len(batches)))
+    for (_, out), images in zip(results, batches):
+        assert out.shape == (len(images), *prepared.output_shape(images.shape[1:3]))
+        assert np.allclose(out, reference.infer(images)[0], rtol=1e-3, atol=2e-3)
+    if graphs:  # the unconfigured shapes were captured when they came
+        assert {(8, (320, 416)), (8, (416, 416))} <= set().union(*(lane.context.graphs for lane in lane_set.lanes))
+    lane_set.close()
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dst_hw", RECT_SHAPES)
+def test_gpu_letterbox_kernel_writes_the_batch_rectangle(dst_hw):
+    """The kernel targets a rectangle inside a square-sized buffer: rows dst_w*3 bytes apart, nothing
+    written past it, pixels as its numpy twin at that rectangle."""
+    import av
+
+    from pipeline import cuda
+    from pipeline.gpu_letterbox import GpuLetterboxer, YuvPlanes, cpu_reference, frame_matrix
+    from stages.letterbox import letterbox_geometry
+
+    cuda.set_device(0)
+    stream = cuda.Stream(blocking=True)
+    out = cuda.DeviceBuffer(416 * 416 * 3)
+    letterboxer = GpuLetterboxer(0, (416, 416), rgb_order=False, pad_value=114)
+    with av.open(str(PERSON_CLIP)) as clip:
+        frame = next(clip.decode(video=0))
+    if dst_hw[0] > dst_hw[1]:  # a portrait frame for the portrait rectangle
+        frame = frame.reformat(width=432, height=768, format="yuv420p")
+    y, u, v = _yuv_planes(frame)
+    sentinel = np.full(416 * 416 * 3, 7, np.uint8)
+    cuda.copy_to_device(out.ptr, sentinel, sentinel.nbytes, stream)
+    staging = cuda.DeviceBuffer(y.size + u.size + v.size)
+    for plane, offset in ((y, 0), (u, y.size), (v, y.size + u.size)):
+        cuda.copy_2d_to_device(staging.ptr + offset, plane.shape[1], plane.ctypes.data, plane.shape[1], plane.shape[1],
+                               plane.shape[0], stream)
+    matrix, full = frame_matrix(frame)
+    planes = YuvPlanes(frame.width, frame.height, staging.ptr, y.shape[1], staging.ptr + y.size,
+                       staging.ptr + y.size + u.size, u.shape[1], 1, matrix, full)
+    geo = letterbox_geometry(frame.width, frame.height, dst_hw[1], dst_hw[0], "top-left")
+    letterboxer.launch(planes, out.ptr, geo, stream, dst_hw=dst_hw)
+    host = np.empty(416 * 416 * 3, np.uint8)
+    cuda.copy_to_host(host, out.ptr, host.nbytes, stream)
+    stream.synchronize()
+    n = dst_hw[0] * dst_hw[1] * 3
+    image = host[:n].reshape(*dst_hw, 3)
+    expected = cpu_reference(y, u, v, dst_hw, geo, matrix, full)
+    diff = np.abs(image.astype(int) - expected.astype(int))
+    assert diff.max() <= 2 and diff.mean() < 0.05, f"max {diff.max()}, mean {diff.mean():.3f}"
+    assert (host[n:] == 7).all()  # nothing past the rectangle
+    staging.free()
+    out.free()
+    stream.destroy()
+
+
+@pytest.fixture(scope="module")
+def two_shape_cameras(tmp_path_factory):
+    """A portrait column of the demo clip (240x432) and the demo clip itself, 120 frames each."""
+    from test_rect_letterbox import _encode
+    from reference import read_frames
+
+    folder = tmp_path_factory.mktemp("shapes")
+    frames = read_frames(PERSON_CLIP, set(range(200, 320)))
+    images = [frames[i] for i in sorted(frames)]
+    tall = _encode([np.ascontiguousarray(f[:, 330:570]) for f in images], folder / "tall.mp4", (240, 432))
+    wide = _encode(images, folder / "wide.mp4", (768, 432))
+    return [{"id": "tall", "url": str(tall)}, {"id": "wide", "url": str(wide)}]
+
+
+def _two_cameras(tmp_path, cameras, engine: dict, name: str, runtime: dict | None = None) -> dict[str, dict]:
+    import json
+
+    from conftest import Subscriber, start_cli
+
+    path, config = make_config(tmp_path, cameras, name=f"{name}.yaml", engine=engine, runtime=runtime or {},
+                               publish={"wait_subscribers": 1, "wait_timeout_s": 60})
+    subscriber = Subscriber(config["publish"]["bind"], [b"det/"])
+    process = start_cli("--config", str(path), "--summary-json", str(tmp_path / f"{name}.json"))
+    try:  # until every camera's end message
+        messages = subscriber.collect(lambda ms: sum(m["type"] == "end" for _, m in ms) == len(cameras), timeout=300)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        subscriber.close()
+    assert process.returncode == 0, err
+    shapes = json.loads((tmp_path / f"{name}.json").read_text())["batches_by_shape"]
+    assert set(shapes) == {"416x256", "256x416"}, shapes
+    frames: dict[str, dict] = {}
+    for _, m in messages:
+        if m["type"] == "detections":
+            frames.setdefault(m["camera"], {})[m["frame"]] = m["detections"]
+    return frames
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("decoder,score_tol", [("cpu", 0.02), ("nvdec", 0.1)])
+def test_gpu_rect_detections_of_a_portrait_and_a_landscape_camera_match_the_cpu_path(tmp_path, two_shape_cameras,
+                                                                                     decoder, score_tol):
+    """Two camera shapes through the torch engine (fp16, CUDA graphs; with NVDEC the GPU letterbox
+    writes the rectangles) against the CPU engine's rect run: every frame, the same boxes."""
+    cpu = _two_cameras(tmp_path, two_shape_cameras, {"kind": "onnxruntime", "intra_op_threads": 4, "max_batch": 8}, "cpu")
+    cameras = [{**c, "decoder": decoder} for c in two_shape_cameras]
+    gpu_run = _two_cameras(tmp_path, cameras, {"kind": "torch", "lanes": 2, "max_batch": 8, "fp16": True, "cuda_graphs": True},
+                           "gpu")
+    compared = 0
+    for camera in ("tall", "wide"):
+        assert sorted(gpu_run[camera]) == sorted(cpu[camera]) == list(range(120))
+        for index, expected in cpu[camera].items():
+            problems = unmatched(expected, gpu_run[camera][index], min_iou=0.85, score_tol=score_tol, conf=0.3)
+            assert not problems, f"{camera} frame {index}: {problems}"
+            compared += len(expected)
+    assert compared > 100
+
+
 @pytest.mark.gpu
 @gpu
 def test_compiled_engine_matches_eager_and_caches_its_artifacts(tmp_path):
