@@ -95,6 +95,8 @@ def cmd_run(args) -> int:
     summary = pipeline.snapshot()
     log.info("done: %s", pipeline.status_line())
     pipeline.close()  # the publisher's last messages leave here (within the shutdown deadline)
+    if pipeline.sinks:  # as they stand once the brokers had the deadline for what was buffered
+        summary["sinks"] = {sink.name: sink.snapshot() for sink in pipeline.sinks}
     # what is still running besides this thread (stray threads are a bug; a blocked reader is named above)
     summary["threads_alive"] = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
     if args.summary_json:
