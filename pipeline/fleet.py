@@ -25,7 +25,8 @@ leases are released, and the other hosts claim the cameras within `claim_interva
 
 Limits: the scripts touch keys they are not passed (host records), so a Redis Cluster is not
 supported (one Redis, or Sentinel's primary); a claim whose reply is lost leaves the camera idle
-for one lease.
+for one lease; fencing numbers only grow while Redis keeps its data (run it with persistence: a
+Redis restarted empty counts from 1 again).
 """
 
 from __future__ import annotations
@@ -404,9 +405,11 @@ def run_fleet(config: Config, summary_json: str | None, stop_requested: threadin
     log.info("fleet: host %s, up to %d of %d camera(s), lease %.1f s, Redis %s, publishing on %s", host,
              cluster.max_cameras, len(config.cameras), cluster.lease_s, redact(cluster.redis), pipeline.endpoint)
     pipeline.start()
-    coordinator.start()
     watcher = threading.Thread(target=lambda: (stop_requested.wait(), coordinator.stop_claiming()), daemon=True)
     watcher.start()  # a signal stops the claims at once; the leases stay renewed while the pipeline drains
+    if stop_requested.is_set():  # stopped while the model loaded: claim nothing
+        coordinator.stop_claiming()
+    coordinator.start()
     drained = pipeline.wait(stop_requested=stop_requested)
     coordinator.stop_claiming()
     coordinator.stop(release=True)

@@ -240,3 +240,49 @@ def test_sigterm_hands_cameras_over_without_gap(fleet_net):
         for host in hosts.values():
             host.kill()
     print(f"SIGTERM handover gaps: {gaps}")
+
+
+def test_fair_shares_spread_evenly_within_capacity():
+    from pipeline.fleet import fair_shares
+
+    assert sorted(fair_shares(12, {"a": 8, "b": 8, "c": 8}).values()) == [4, 4, 4]
+    assert sorted(fair_shares(10, {"a": 8, "b": 8, "c": 8}).values()) == [3, 3, 4]
+    # a small host takes what it can; the others share the rest evenly
+    assert fair_shares(12, {"small": 2, "a": 8, "b": 8}) == {"small": 2, "a": 5, "b": 5}
+    # more cameras than the fleet can carry: every host full, never beyond its capacity
+    assert fair_shares(30, {"a": 8, "b": 8}) == {"a": 8, "b": 8}
+    assert fair_shares(1, {"a": 8, "b": 8, "c": 8}) in ({"a": 1, "b": 0, "c": 0}, {"a": 0, "b": 0, "c": 1},
+                                                       {"a": 0, "b": 1, "c": 0})
+
+
+@pytest.mark.parametrize("cluster, error", [
+    ({"redis": "http://x", "max_cameras": 4}, "cluster.redis: String should match pattern"),
+    ({"redis": "redis://x"}, "cluster.max_cameras: required key is missing"),
+    ({"redis": "redis://x", "max_cameras": 4, "lease_s": 2, "claim_interval_s": 1},
+     "cluster.claim_interval_s: 1 must be below half of cluster.lease_s (2)"),
+    ({"redis": "redis://x", "max_cameras": 4, "lease_s": ".inf"}, "cluster.lease_s"),
+])
+def test_cluster_config_errors_name_the_key(tmp_path, cluster, error):
+    from conftest import run_cli
+
+    config = tmp_path / "fleet.yaml"
+    config.write_text(yaml.safe_dump({"cameras": [{"id": "a", "url": "rtsp://127.0.0.1:1/x"}],
+                                      "model": {"path": str(MODEL), "preset": "yolox"}, "cluster": cluster})
+                      .replace("'.inf'", ".inf"))
+    result = run_cli("fleet", "status", "--config", str(config), timeout=60)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"error: {config}: {error}"), result.stderr
+
+
+def test_fleet_status_names_an_unreachable_redis(tmp_path):
+    from conftest import free_port, run_cli
+
+    config = tmp_path / "fleet.yaml"
+    config.write_text(yaml.safe_dump({"cameras": [{"id": "a", "url": "rtsp://127.0.0.1:1/x"}],
+                                      "model": {"path": str(MODEL), "preset": "yolox"},
+                                      "cluster": {"redis": f"redis://:secret@127.0.0.1:{free_port()}/0",
+                                                  "max_cameras": 4}}))
+    result = run_cli("fleet", "status", "--config", str(config), timeout=60)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: cluster.redis: cannot read the fleet from redis://***@127.0.0.1:")
+    assert "secret" not in result.stderr

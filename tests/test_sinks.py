@@ -147,3 +147,33 @@ def test_dead_broker_costs_counted_drops_not_fps(tmp_path, brokers):
         assert lost >= fps, f"{name}: a 4 s outage with a {buffer}-message buffer must drop messages: {sink}"
         assert sink["drops"].get("buffer_full", 0) >= fps, sink
     assert "sinks[0].redis" in err and "unavailable" in err, "the outage is logged"
+
+
+def test_unreachable_broker_from_the_start_costs_only_its_messages(tmp_path):
+    """No broker at all: the run still ends at its own pace, exit 0, every message counted as not delivered."""
+    from conftest import free_port
+
+    clip = small_clip(tmp_path / "clip.mp4", frames=20, fps=25)
+    config, _ = make_config(tmp_path, [{"id": "cam1", "url": str(clip)}],
+                            publish={"sinks": [{"kind": "redis", "url": f"redis://:secret@127.0.0.1:{free_port()}/0",
+                                                "timeout_s": 0.5}]},
+                            runtime={"shutdown_deadline_s": 1})
+    summary = tmp_path / "summary.json"
+    result = run_cli("--config", str(config), "--summary-json", str(summary))
+    assert result.returncode == 0, result.stderr[-2000:]
+    stats = json.loads(summary.read_text())["sinks"]["sinks[0].redis"]
+    assert stats["sent"] == 0 and stats["drops"] == {"shutdown": 21}, stats
+    assert "sinks[0].redis: redis://***@127.0.0.1" in result.stderr and "secret" not in result.stderr
+
+
+@pytest.mark.parametrize("sink, error", [
+    ({"kind": "kafka", "url": "x"}, "publish.sinks[0]: Input tag 'kafka' found using 'kind' does not match"),
+    ({"kind": "mqtt", "url": "mqtt://h", "qos": 3}, "publish.sinks[0].mqtt.qos: Input should be 0, 1 or 2"),
+    ({"kind": "redis", "url": "redis://h", "buffer": 0}, "publish.sinks[0].redis.buffer: Input should be greater"),
+    ({"kind": "redis", "url": "tcp://h"}, "publish.sinks[0].redis.url: String should match pattern"),
+])
+def test_sink_config_errors_name_the_key(tmp_path, sink, error):
+    config, _ = make_config(tmp_path, [{"id": "cam1", "url": "rtsp://127.0.0.1:1/x"}], publish={"sinks": [sink]})
+    result = run_cli("--config", str(config), "--check", timeout=60)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"error: {config}: {error}"), result.stderr
