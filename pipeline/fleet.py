@@ -15,8 +15,8 @@ Redis, the proven service the issue asks for, with these keys (`<p>` = `cluster.
 
 A host claims free cameras up to its share (an even spread, water-filled over capacities, so a
 host goes beyond an even share only while the others are full), in an order of its own (rendezvous
-hashing, so hosts rarely race for the same camera), and gives one back per round while it holds
-more than its share and another host holds less than its own. A host that cannot renew a lease
+hashing, so hosts rarely race for the same camera), and gives back what it holds over its share,
+as many as the other hosts lack below theirs (a host that joins gets its share within a round or two). A host that cannot renew a lease
 (another host has it, or Redis is out of reach for 80% of the lease) stops that camera at once:
 its publish gate closes first, so no frame of it leaves after that, then its source stops. The
 lease in Redis lasts at least the full `lease_s` after that host's last renewal was sent, so the
@@ -259,17 +259,22 @@ class Coordinator:
             for camera in free[:share - owned]:
                 self._try_claim(camera)
         elif owned > share:
-            # give one back, only when another host has room below its share (else nobody would take it)
-            others_short = any(int(r.get("owned", 0)) < shares.get(h, 0) for h, r in fleet.items() if h != self.host)
-            if others_short:
-                with self.lock:
-                    camera = max(self.owned, key=lambda c: preference(self.host, c), default=None)
-                    if camera is None:
-                        return
-                    value = self.owned[camera]["value"]
-                    self._lose(camera, f"handed back to rebalance: this host holds {owned}, its share is {share}")
+            # give back what is over the share, but only as many as the other hosts lack below theirs
+            # (else nobody would take them): the least preferred cameras first
+            short = sum(max(0, shares.get(h, 0) - int(r.get("owned", 0))) for h, r in fleet.items() if h != self.host)
+            count = min(owned - share, short)
+            if count <= 0:
+                return
+            with self.lock:
+                handed = sorted(self.owned, key=lambda c: preference(self.host, c))[-count:]
+                values = [self.owned[c]["value"] for c in handed]
+                for camera in handed:
+                    self._lose(camera, f"handed back to rebalance: this host held {owned}, its share is {share}")
                     self.releases += 1
-                self._release(keys=[self.keys.lease(camera)], args=[value])
+            pipe = self.client.pipeline(transaction=False)
+            for camera, value in zip(handed, values):
+                self._release(keys=[self.keys.lease(camera)], args=[value], client=pipe)
+            pipe.execute()
 
     def _try_claim(self, camera: str) -> None:
         sent = time.monotonic()
