@@ -16,6 +16,12 @@ With `publish.preview.enabled`, a camera's frame also goes out as a JPEG preview
 frames the rate limit lets through (a few milliseconds, a few times a second), so the hot path
 stays cheap; the decoded image is dropped as soon as it has been looked at.
 
+With `publish.sinks`, each detections message (and each camera's end) is also offered, encoded
+once, to the broker sinks (sinks/: Redis Streams, MQTT), which buffer it and send it from their own
+threads: offering never waits. In fleet mode (pipeline/fleet.py) `ownership` says, per frame,
+whether this host still holds the camera's lease: if not, the frame is dropped (counted as
+`not_owner`); if so, the message carries the host and its fencing number.
+
 With tracking and zones or lines on a camera, each zone or line event goes out as its own message on
 `events/<camera>/` (schema `EVENTS_SCHEMA`), after that frame's detections, sent like them
 (non-blocking; a subscriber counts its own losses from the events' `seq`).
