@@ -68,6 +68,10 @@ def cmd_run(args) -> int:
         config = worker_config(config, index, count)
     _setup_logging(args.log_level or config.runtime.log_level, f"[worker {worker}] " if worker is not None else "")
     _limit_malloc_arenas()
+    if config.cluster is not None and not args.check:  # fleet mode: this host's share of the cameras
+        from pipeline.fleet import run_fleet
+
+        return run_fleet(config, args.summary_json, stop_requested)
     if config.runtime.workers and not args.check:
         from pipeline.workers import run_workers
 
@@ -95,6 +99,8 @@ def cmd_run(args) -> int:
     summary = pipeline.snapshot()
     log.info("done: %s", pipeline.status_line())
     pipeline.close()  # the publisher's last messages leave here (within the shutdown deadline)
+    if pipeline.sinks:  # as they stand once the brokers had the deadline for what was buffered
+        summary["sinks"] = {sink.name: sink.snapshot() for sink in pipeline.sinks}
     # what is still running besides this thread (stray threads are a bug; a blocked reader is named above)
     summary["threads_alive"] = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
     if args.summary_json:
@@ -153,6 +159,28 @@ def cmd_subscribe(args) -> int:
         pass
     if lost:
         log.warning("subscribe: %d message(s) lost in transport (gaps in seq)", lost)
+    return 0
+
+
+def cmd_fleet(args) -> int:
+    """`run.py fleet status --config X`: who holds which camera (fleet mode, README: Many servers)."""
+    import redis
+
+    from pipeline.config import load_config
+    from pipeline.fleet import fleet_status, format_status
+    from stages.source import redact
+
+    _setup_logging(args.log_level or "warning")
+    config = load_config(args.config)
+    if config.cluster is None:
+        raise UsageError(f"fleet status: {args.config} has no cluster section (fleet mode is off)")
+    try:
+        status = fleet_status(config.cluster, [c.id for c in config.cameras])
+    except redis.RedisError as exc:
+        print(f"error: cluster.redis: cannot read the fleet from {redact(config.cluster.redis)}: "
+              f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
     return 0
 
 
@@ -231,6 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--summary", action="store_true", help="one short line per message instead of the JSON header")
     sub.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     sub.set_defaults(func=cmd_subscribe)
+
+    fleet = commands.add_parser("fleet", help="fleet mode: `fleet status` shows which host holds which camera")
+    fleet.add_argument("action", choices=["status"])
+    fleet.add_argument("--config", required=True, help="the fleet's YAML configuration (its cluster section)")
+    fleet.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    fleet.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    fleet.set_defaults(func=cmd_fleet)
 
     view = commands.add_parser("view", help="show cameras' preview frames with their detections drawn (or record them)")
     view.add_argument("--connect", action="append", metavar="ENDPOINT",

@@ -212,6 +212,36 @@ class PreviewConfig(_Strict):
     topic_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] = "preview"
 
 
+class RedisSinkConfig(_Strict):
+    """Detections to Redis Streams (`sinks/redis_stream.py`): one stream a camera, `<stream_prefix>:<camera>`."""
+
+    kind: Literal["redis"]
+    url: Annotated[str, Field(pattern=r"^(redis|rediss|unix)://", max_length=4096)]
+    stream_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]+$", max_length=128)] = "vapipe:det"
+    maxlen: Annotated[int, Field(ge=1, le=100_000_000)] = 10_000  # entries kept a stream (approximate trim)
+    buffer: Annotated[int, Field(ge=1, le=MAX_MESSAGES)] = 10_000  # messages held while the broker is slow or away
+    timeout_s: Seconds = 2.0  # connect and socket timeout
+    reconnect_base_s: Seconds = 0.2
+    reconnect_cap_s: Seconds = 5.0
+
+
+class MqttSinkConfig(_Strict):
+    """Detections to an MQTT broker (`sinks/mqtt.py`) on `<topic_prefix>/<camera>`."""
+
+    kind: Literal["mqtt"]
+    url: Annotated[str, Field(pattern=r"^mqtts?://[^/]+", max_length=4096)]  # mqtt://[user:pass@]host[:1883]
+    topic_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_./-]+$", max_length=128)] = "vapipe/det"
+    qos: Literal[0, 1, 2] = 0
+    client_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]*$", max_length=64)] = ""  # "" = a random one
+    buffer: Annotated[int, Field(ge=1, le=MAX_MESSAGES)] = 10_000
+    timeout_s: Seconds = 2.0
+    reconnect_base_s: Seconds = 0.2
+    reconnect_cap_s: Seconds = 5.0
+
+
+SinkConfig = Annotated[RedisSinkConfig | MqttSinkConfig, Field(discriminator="kind")]
+
+
 class PublishConfig(_Strict):
     bind: str = "tcp://127.0.0.1:5555"
     send_hwm: Annotated[int, Field(ge=1, le=MAX_MESSAGES)] = 1000
@@ -220,6 +250,7 @@ class PublishConfig(_Strict):
     topic_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] = "det"
     preview: PreviewConfig = PreviewConfig()
     events_topic_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] = "events"  # zone and line events
+    sinks: Annotated[list[SinkConfig], Field(max_length=16)] = []  # brokers beside ZeroMQ (Redis Streams, MQTT)
 
     @model_validator(mode="after")
     def _distinct_topics(self) -> "PublishConfig":
@@ -250,6 +281,17 @@ class RuntimeConfig(_Strict):
     worker_devices: Annotated[list[Annotated[int, Field(ge=0, le=MAX_DEVICE)]], Field(max_length=64)] = []  # GPU of worker i: worker_devices[i % len]; [] = engine.device
 
 
+class ClusterConfig(_Strict):
+    """Fleet mode (`pipeline/fleet.py`): hosts share the cameras through leases in one Redis."""
+
+    redis: Annotated[str, Field(pattern=r"^(redis|rediss|unix)://", max_length=4096)]
+    max_cameras: Annotated[int, Field(ge=1, le=MAX_CAMERAS)]  # this host's capacity
+    lease_s: Annotated[float, Field(ge=0.5, le=MAX_SECONDS)] = 5.0  # a dead host's cameras move after this
+    claim_interval_s: Annotated[float, Field(ge=0.05, le=MAX_SECONDS)] = 0.5  # how often free cameras are looked for
+    host_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]*$", max_length=64)] = ""  # "" = <hostname>-<pid>
+    key_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]+$", max_length=64)] = "vapipe:fleet"
+
+
 class Config(_Strict):
     cameras: Annotated[list[CameraConfig], Field(min_length=1, max_length=MAX_CAMERAS)]
     model: ModelConfig
@@ -257,6 +299,19 @@ class Config(_Strict):
     publish: PublishConfig = PublishConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     tracking: TrackingConfig = TrackingConfig()
+    cluster: ClusterConfig | None = None  # fleet mode: several hosts, one camera list, Redis leases
+
+    @model_validator(mode="after")
+    def _fleet_in_one_process(self) -> "Config":
+        cluster = self.cluster
+        if cluster is None:
+            return self
+        if self.runtime.workers:
+            raise ValueError("cluster: fleet mode runs one pipeline process a host; set runtime.workers to 0")
+        if cluster.claim_interval_s >= cluster.lease_s / 2:
+            raise ValueError(f"cluster.claim_interval_s: {cluster.claim_interval_s:g} must be below half of "
+                             f"cluster.lease_s ({cluster.lease_s:g})")
+        return self
 
     def tracking_for(self, camera: CameraConfig) -> TrackingConfig:
         """The top-level `tracking` with the camera's own keys on top."""

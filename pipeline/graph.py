@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import functools
 import logging
+import os
 import threading
 import time
 
@@ -37,6 +38,7 @@ from stages.postprocess import PostprocessStage
 from stages.publish import PreviewGate, PublishStage, bind_publisher, bound_endpoint, wait_for_subscribers
 from stages.source import SourceStage, probe_files
 from stages.track import TrackStage, tracked_cameras
+from sinks import create_sinks
 
 log = logging.getLogger("pipeline")
 
@@ -59,7 +61,8 @@ class InputShapes:
 
 
 class Pipeline:
-    def __init__(self, config: Config, publish_connect: str | None = None):
+    def __init__(self, config: Config, publish_connect: str | None = None, ownership=None):
+        """`ownership`: fleet mode's gate and stamp for each message (PublishStage, pipeline/fleet.py)."""
         self.config = config
         self.stop_event = threading.Event()
         cv2.setNumThreads(config.runtime.opencv_threads)
@@ -97,6 +100,7 @@ class Pipeline:
         self.socket = bind_publisher(config.publish, context=self.context, connect=publish_connect,
                                      linger_s=config.runtime.shutdown_deadline_s)
         self.endpoint = publish_connect or bound_endpoint(self.socket)
+        self.sinks = create_sinks(config.publish.sinks, client_name=f"vapipe-{os.getpid()}")
 
         self.sources: list[SourceStage] = []
         for camera in config.cameras:
@@ -142,7 +146,8 @@ class Pipeline:
                                     config.publish.topic_prefix, [c.id for c in config.cameras], config.publish.preview,
                                     preview_gate_at_publish, self.end_reason,
                                     events_prefix=config.publish.events_topic_prefix,
-                                    event_cameras=[c.id for c in config.cameras if c.zones or c.lines])
+                                    event_cameras=[c.id for c in config.cameras if c.zones or c.lines],
+                                    sinks=self.sinks, ownership=ownership)
         self.stages = [*self.sources, self.batch, self.letterbox, self.infer, self.postprocess,
                        *([self.track] if self.track else []), self.publish]
         self.status = StatusReporter([s.metrics for s in self.stages], self.publish.metrics)
@@ -208,7 +213,8 @@ class Pipeline:
             f"{s.camera.id}={s.state.value}/f{s.next_index}/r{s.reconnects}/d{sum(s.metrics.drops.values())}"
             for s in self.sources
         )
-        return (f"{self.status.line()} subscriptions={self.publish.subscriptions} "
+        sinks = "".join(f" {sink.status()}" for sink in self.sinks)  # name=state/sent/dropped
+        return (f"{self.status.line()} subscriptions={self.publish.subscriptions}{sinks} "
                 f"cameras[state/frames/reconnects/drops]: {cameras}")
 
     def end_reason(self, camera: str) -> str:
@@ -259,6 +265,8 @@ class Pipeline:
         """Release GPU memory once every stage has finished (postprocess reads pinned outputs until then),
         and terminate the ZeroMQ context: that is what lets the publisher's queued messages leave,
         for up to `runtime.shutdown_deadline_s` (the socket's linger) if a subscriber is behind."""
+        for sink in self.sinks:  # the brokers get the shutdown deadline for what they still buffer
+            sink.close(self.config.runtime.shutdown_deadline_s)
         if not self.finished:
             return  # a stage is still running (shutdown deadline passed): leave its memory and socket alone
         if not self.socket.closed:  # never started: the publish stage did not close it
@@ -285,4 +293,6 @@ class Pipeline:
             summary["previews_sent"] = self.publish.previews_sent
         if self.publish.event_topics:
             summary["events_sent"] = self.publish.events_sent
+        if self.sinks:
+            summary["sinks"] = {sink.name: sink.snapshot() for sink in self.sinks}
         return summary

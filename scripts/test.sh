@@ -5,8 +5,10 @@
 source "$(dirname "$0")/_env.sh"
 # libgl1/glib: OpenCV; gstreamer + gi: the RTSP test server (bad: h264parse for the clip mount);
 # xvfb, ffmpeg (x11grab), xdotool: the viewer's window test
+# redis-server, mosquitto: the broker sinks' and fleet tests' real servers; iproute2: the fleet test's namespaces
 apt_install libgl1 libglib2.0-0 xvfb ffmpeg xdotool python3-gi gir1.2-gst-rtsp-server-1.0 \
-  gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly
+  gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly \
+  redis-server mosquitto iproute2
 venv_install requirements-dev.txt
 export ASSETS_DIR=${ASSETS_DIR:-$(cd "$ROOT/../shared/assets" 2>/dev/null && pwd || echo "$ROOT/assets")}
 if [ ! -f "$ASSETS_DIR/models/yolox_nano.onnx" ]; then

@@ -16,6 +16,12 @@ With `publish.preview.enabled`, a camera's frame also goes out as a JPEG preview
 frames the rate limit lets through (a few milliseconds, a few times a second), so the hot path
 stays cheap; the decoded image is dropped as soon as it has been looked at.
 
+With `publish.sinks`, each detections message (and each camera's end) is also offered, encoded
+once, to the broker sinks (sinks/: Redis Streams, MQTT), which buffer it and send it from their own
+threads: offering never waits. In fleet mode (pipeline/fleet.py) `ownership` says, per frame,
+whether this host still holds the camera's lease: if not, the frame is dropped (counted as
+`not_owner`); if so, the message carries the host and its fencing number.
+
 With tracking and zones or lines on a camera, each zone or line event goes out as its own message on
 `events/<camera>/` (schema `EVENTS_SCHEMA`), after that frame's detections, sent like them
 (non-blocking; a subscriber counts its own losses from the events' `seq`).
@@ -191,8 +197,14 @@ class PublishStage(Stage):
     def __init__(self, inbox: BoundedQueue, socket: zmq.Socket, labels: list[str], prefix: str, cameras: list[str],
                  preview: PreviewConfig | None = None, preview_gate: PreviewGate | None = None,
                  end_reason: Callable[[str], str] | None = None, events_prefix: str = "events",
-                 event_cameras: list[str] = ()):
+                 event_cameras: list[str] = (), sinks: list = (),
+                 ownership: Callable[[str], dict | None] | None = None):
         super().__init__(inbox, None)
+        # brokers beside ZeroMQ (sinks/): each message is offered to them too, never waiting on them
+        self.sinks = list(sinks)
+        # fleet mode (pipeline/fleet.py): camera -> fields stamped into its messages ({"host", "fence"}),
+        # or None when this host does not hold the camera's lease (its frames are dropped, counted)
+        self.ownership = ownership
         # camera -> why its stream ended ("eof", "stopped", "failed"), asked when the end messages go out
         self.end_reason = end_reason or (lambda _camera: "eof")
         self.socket = socket
@@ -212,10 +224,13 @@ class PublishStage(Stage):
         self.event_seq = {camera: 0 for camera in event_cameras}
         self.events_sent = 0
 
-    def _send(self, topic: bytes, header: dict, *payload: bytes) -> None:
+    def _send(self, topic: bytes, header: dict, *payload: bytes, camera: str | None = None) -> None:
         # never blocks: a full subscriber queue drops this message for that subscriber only (see above)
-        self.socket.send_multipart([topic, json.dumps(header, separators=(",", ":")).encode(), *payload],
-                                   flags=zmq.NOBLOCK)
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        self.socket.send_multipart([topic, encoded, *payload], flags=zmq.NOBLOCK)
+        if camera is not None:  # detections (and their end) also go to the brokers, which never block either
+            for sink in self.sinks:
+                sink.offer(camera, encoded)
 
     def _send_preview(self, frame: Frame) -> None:
         image, frame.image = frame.image, None  # the pipeline keeps no decoded image past this point
@@ -229,9 +244,18 @@ class PublishStage(Stage):
 
     def process(self, frame: Frame) -> None:
         frame.mark("publish")
+        owner = None
+        if self.ownership is not None:
+            owner = self.ownership(frame.camera)
+            if owner is None:  # the lease is gone: another host may already publish this camera
+                frame.image = None
+                self.metrics.drop("not_owner")
+                return
         message = to_message(frame, self.labels, self.seq[frame.camera])
+        if owner:
+            message.update(owner)
         self.seq[frame.camera] += 1
-        self._send(self.topics[frame.camera], message)
+        self._send(self.topics[frame.camera], message, camera=frame.camera)
         self.metrics.items_out += 1
         self.metrics.frames_out += 1
         if frame.events:
@@ -261,8 +285,14 @@ class PublishStage(Stage):
     def flush(self) -> None:
         # "reason" tells a complete stream ("eof") from one that was stopped or cut off by a failure
         for camera, topic in self.topics.items():
-            self._send(topic, {"schema": SCHEMA, "type": "end", "camera": camera, "seq": self.seq[camera],
-                               "reason": self.end_reason(camera)})
+            end = {"schema": SCHEMA, "type": "end", "camera": camera, "seq": self.seq[camera],
+                   "reason": self.end_reason(camera)}
+            if self.ownership is not None:  # fleet mode: only the cameras this host holds end here
+                owner = self.ownership(camera)
+                if owner is None:
+                    continue
+                end.update(owner)
+            self._send(topic, end, camera=camera)
         for camera, topic in self.event_topics.items():
             self._send(topic, {"schema": EVENTS_SCHEMA, "type": "end", "camera": camera, "seq": self.event_seq[camera],
                                "reason": self.end_reason(camera)})

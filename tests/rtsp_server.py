@@ -48,6 +48,7 @@ def keep_prepared(_factory, media) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--address", default="127.0.0.1", help="where to listen (the fleet test: a namespace's address)")
     parser.add_argument("--fps", type=int, default=25)
     parser.add_argument("--size", default="320x240", help="WIDTHxHEIGHT of the live pattern")
     parser.add_argument("--clip", help="a H.264 MP4 file to serve on /clip")
@@ -56,7 +57,7 @@ def main() -> int:
 
     Gst.init(None)
     server = GstRtspServer.RTSPServer()
-    server.set_address("127.0.0.1")
+    server.set_address(args.address)
     server.set_service(str(args.port))
     mounts = server.get_mount_points()
     mounts_wanted = {"/live": live_pipeline(args.fps, width, height)}
@@ -70,9 +71,9 @@ def main() -> int:
             factory.connect("media-configure", keep_prepared)
         mounts.add_factory(path, factory)
     if server.attach(None) == 0:
-        print(f"cannot listen on 127.0.0.1:{args.port}", file=sys.stderr)
+        print(f"cannot listen on {args.address}:{args.port}", file=sys.stderr)
         return 1
-    print(f"ready rtsp://127.0.0.1:{args.port}", flush=True)
+    print(f"ready rtsp://{args.address}:{args.port}", flush=True)
     loop = GLib.MainLoop()
     try:
         loop.run()
