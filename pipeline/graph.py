@@ -52,6 +52,10 @@ class Pipeline:
         self.stop_event = threading.Event()
         cv2.setNumThreads(config.runtime.opencv_threads)
         probe_files(config.cameras)  # an unreadable file is a config mistake: fail before loading anything
+        if config.publish.keys is not None and publish_connect is None:
+            from pipeline.keys import CurveServer
+
+            CurveServer.check(config.publish.keys)  # so are missing keys
         require_engine(config.engine.kind)
         names = read_labels(config.model.labels)
         model = prepare_model(config.model.path, config.model.preset, config.engine.max_batch)

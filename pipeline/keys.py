@@ -46,10 +46,10 @@ def make_keys(folder: Path, clients: list[str]) -> list[Path]:
 
 
 def _load(path: Path, want_secret: bool, what: str, error=ConfigError) -> tuple[bytes, bytes | None]:
+    if not path.is_file():
+        raise error(f"{what}: {path}: file not found (make keys with `run.py keys`)")
     try:
         public, secret = zmq.auth.load_certificate(str(path))
-    except FileNotFoundError:
-        raise error(f"{what}: {path}: file not found (make keys with `run.py keys`)") from None
     except (OSError, ValueError, KeyError):
         raise error(f"{what}: {path}: not a ZeroMQ certificate (make keys with `run.py keys`)") from None
     if want_secret and not secret:
@@ -66,12 +66,18 @@ class CurveServer:
 
     def __init__(self, context: zmq.Context, keys: PublishKeys):
         self.keys = keys
-        self.public, self.secret = _load(keys.server, True, "publish.keys.server")
-        if not keys.clients.is_dir():
-            raise ConfigError(f"publish.keys.clients: {keys.clients}: not a folder (of the subscribers' public keys)")
+        self.public, self.secret = self.check(keys)
         self.authenticator = ThreadAuthenticator(context)
         self.authenticator.start()
         self.reload()
+
+    @staticmethod
+    def check(keys: PublishKeys) -> tuple[bytes, bytes]:
+        """The server's key pair; ConfigError (one line, no key material) for what is missing or wrong."""
+        pair = _load(keys.server, True, "publish.keys.server")
+        if not keys.clients.is_dir():
+            raise ConfigError(f"publish.keys.clients: {keys.clients}: not a folder (of the subscribers' public keys)")
+        return pair
 
     def reload(self) -> int:
         """Admit the public keys now in the clients folder; returns how many."""
