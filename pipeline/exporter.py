@@ -21,9 +21,6 @@ from prometheus_client.samples import Sample
 
 from pipeline.metrics import LatencyHistogram
 
-CAMERA_STATES = ("connecting", "running", "reconnecting", "ended", "failed")
-
-
 def _histogram(family: HistogramMetricFamily, labels: list[str], histogram: LatencyHistogram) -> None:
     family.add_metric(labels, histogram.cumulative(), histogram.total_s)
 
@@ -51,7 +48,10 @@ class PipelineCollector:
                                 labels=["camera"])
         drops = CounterMetricFamily("vapipe_camera_drops", "Frames a camera lost, by reason (queue_full: a live "
                                     "camera's oldest frame; decode_error; stopped)", labels=["camera", "reason"])
-        state = GaugeMetricFamily("vapipe_camera_state", "1 for the camera's current state", labels=["camera", "state"])
+        # one sample a camera, its current state (not one per possible state: 64 cameras x 5 states
+        # was a fifth of a scrape); `vapipe_camera_state{state!="running"}` lists the others
+        state = GaugeMetricFamily("vapipe_camera_state", "The camera's current state (connecting, running, "
+                                  "reconnecting, ended, failed) as a label; always 1", labels=["camera", "state"])
         reconnects = CounterMetricFamily("vapipe_camera_reconnects", "Streams lost after frames had flowed, and reopened",
                                          labels=["camera"])
         depth = GaugeMetricFamily("vapipe_camera_queue_depth", "Frames waiting in a camera's queue", labels=["camera"])
@@ -61,8 +61,7 @@ class PipelineCollector:
             fps.add_metric([camera], round(source.fps(), 3))
             for reason, count in dict(source.metrics.drops).items():
                 drops.add_metric([camera, reason], count)
-            for name in CAMERA_STATES:
-                state.add_metric([camera, name], 1.0 if source.state.value == name else 0.0)
+            state.add_metric([camera, source.state.value], 1.0)
             reconnects.add_metric([camera], source.reconnects)
             depth.add_metric([camera], len(source.outbox))
         yield from (frames, fps, drops, state, reconnects, depth)

@@ -16,21 +16,24 @@ import numpy as np
 
 # upper bounds in seconds: letterbox and postprocess take about 1 ms, a live frame's whole way ~100 ms
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# capture to publish, one histogram per camera: fewer buckets (a scrape of 64 cameras renders them all)
+END_TO_END_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class LatencyHistogram:
     """Counts of observations per bucket (not cumulative), their sum and count; thread-safe enough
     for one writer and scrapers that read a slightly stale copy."""
 
-    __slots__ = ("counts", "total_s", "count")
+    __slots__ = ("bounds", "counts", "total_s", "count")
 
-    def __init__(self):
-        self.counts = [0] * (len(LATENCY_BUCKETS_S) + 1)  # the last one is +Inf
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS_S):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
         self.total_s = 0.0
         self.count = 0
 
     def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
         self.total_s += seconds
         self.count += 1
 
@@ -43,7 +46,7 @@ class LatencyHistogram:
     def cumulative(self) -> list[tuple[str, float]]:
         """Prometheus' buckets: (upper bound, observations <= it), ending with +Inf."""
         out, running = [], 0
-        for bound, n in zip((*(repr(b) for b in LATENCY_BUCKETS_S), "+Inf"), list(self.counts)):
+        for bound, n in zip((*(repr(b) for b in self.bounds), "+Inf"), list(self.counts)):
             running += n
             out.append((bound, running))
         return out

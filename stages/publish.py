@@ -35,7 +35,7 @@ import zmq
 
 from pipeline.config import PreviewConfig, PublishConfig
 from pipeline.errors import PublishError
-from pipeline.metrics import LatencyHistogram
+from pipeline.metrics import END_TO_END_BUCKETS_S, LatencyHistogram
 from pipeline.queues import BoundedQueue
 from pipeline.record import Frame
 from pipeline.stage import Stage
@@ -206,7 +206,7 @@ class PublishStage(Stage):
         self.topics = {camera: topic_for(prefix, camera) for camera in cameras}
         self.seq = {camera: 0 for camera in cameras}
         # capture to publish, per camera (Prometheus: vapipe_capture_to_publish_seconds)
-        self.latency = {camera: LatencyHistogram() for camera in cameras}
+        self.latency = {camera: LatencyHistogram(END_TO_END_BUCKETS_S) for camera in cameras}
         self.preview = preview if preview is not None and preview.enabled else None
         if self.preview is not None:
             self.preview_topics = {camera: topic_for(self.preview.topic_prefix, camera) for camera in cameras}
@@ -247,7 +247,7 @@ class PublishStage(Stage):
             if kind == "add":
                 self.topics[camera] = topic_for(self.prefix, camera)
                 self.seq[camera] = 0
-                self.latency[camera] = LatencyHistogram()
+                self.latency[camera] = LatencyHistogram(END_TO_END_BUCKETS_S)
                 if self.preview is not None:
                     self.preview_topics[camera] = topic_for(self.preview.topic_prefix, camera)
                     self.preview_seq[camera] = 0
