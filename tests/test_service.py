@@ -10,6 +10,7 @@ the capacity this machine has right now (engine_fps), so the verdict holds on a 
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 import urllib.error
@@ -19,7 +20,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import Subscriber, engine_fps, free_port, make_config, small_clip, start_cli
+from conftest import ROOT, Subscriber, engine_fps, free_port, make_config, small_clip, start_cli
 
 TOKEN = "a-test-token-0123456789"
 
@@ -219,6 +220,12 @@ def test_workers_one_metrics_endpoint_and_new_cameras_on_the_least_loaded(tmp_pa
         assert status == 201 and json.loads(body)["worker"] == 1, body
         subscriber.collect(lambda ms: len(detections(ms, "d")) >= 3, timeout=120)
         samples = scrape(base)
+        # every metric the sample Grafana dashboard (docs/) plots is served
+        dashboard = (ROOT / "docs" / "grafana-dashboard.json").read_text()
+        text = http("GET", f"{base}/metrics")[1]
+        missing = {name for name in re.findall(r"vapipe_[a-z_]+", dashboard) if f"# TYPE {name}" not in text
+                   and f"# TYPE {name.removesuffix('_total').removesuffix('_bucket')}" not in text}
+        assert not missing, missing
         assert samples[("vapipe_worker_up", (("worker", "0"),))] == samples[("vapipe_worker_up", (("worker", "1"),))] == 1
         placed = {labels[0][1]: dict(labels)["worker"] for (name, labels) in samples if name == "vapipe_camera_frames_total"}
         assert placed == {"a": "0", "c": "0", "b": "1", "d": "1"}
