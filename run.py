@@ -73,7 +73,6 @@ def cmd_run(args) -> int:
 
         return run_workers(config, args.config, args.summary_json, args.log_level, stop_requested, signals)
     from pipeline.cameras import LocalCameras, WorkerControl
-    from pipeline.exporter import PipelineCollector
     from pipeline.graph import Pipeline  # builds model, engine and socket: everything but the run
     from pipeline.service import start_control_plane
 
@@ -81,9 +80,9 @@ def cmd_run(args) -> int:
     cameras = LocalCameras(config)
     service = server = None
     if args.control:  # a worker: its supervisor asks (metrics, cameras, changes) over this socket
-        WorkerControl(args.control, cameras)
+        WorkerControl(args.control, cameras, worker)
     elif not args.check:
-        service, server = start_control_plane(config, args.config, cameras, PipelineCollector(lambda: cameras.pipeline))
+        service, server = start_control_plane(config, args.config, cameras)
     deadline = config.runtime.shutdown_deadline_s
     try:
         pipeline = load_interruptibly(lambda: Pipeline(config, publish_connect=args.publish_connect), stop_requested, deadline)

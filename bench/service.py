@@ -98,7 +98,6 @@ def run_pipeline(config: dict, scrape_every: float | None = None, subscriber_key
     import resource
 
     from pipeline.cameras import LocalCameras
-    from pipeline.exporter import PipelineCollector
     from pipeline.graph import Pipeline
     from pipeline.service import start_control_plane
 
@@ -106,7 +105,7 @@ def run_pipeline(config: dict, scrape_every: float | None = None, subscriber_key
     cameras = LocalCameras(parsed)
     service = server = None
     if parsed.runtime.metrics_bind:
-        service, server = start_control_plane(parsed, "bench.yaml", cameras, PipelineCollector(lambda: cameras.pipeline))
+        service, server = start_control_plane(parsed, "bench.yaml", cameras)
     pipeline = Pipeline(parsed)
     cameras.pipeline = pipeline
     helper = None
@@ -172,18 +171,14 @@ print(" ".join(f"{{t:.6f}}" for t in times))
 def render_cost(clip: Path, cameras: int, count: int = 50) -> dict:
     """CPU time (this thread's) to render /metrics for a pipeline of `cameras` cameras, however busy
     the machine: what a scrape costs the process, apart from waiting for the interpreter."""
-    from prometheus_client import CollectorRegistry, generate_latest
-
-    from pipeline.exporter import PipelineCollector
+    from pipeline.exporter import pipeline_families, render
     from pipeline.graph import Pipeline
 
     pipeline = Pipeline(parse_config(base_config(clip, cameras=cameras), "bench.yaml"))
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(PipelineCollector(lambda: pipeline))
     times = []
     for _ in range(count):
         started = time.thread_time()
-        body = generate_latest(registry)
+        body = render(pipeline_families(pipeline)).encode()
         times.append((time.thread_time() - started) * 1000)
     pipeline.close()
     times.sort()

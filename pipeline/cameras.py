@@ -95,10 +95,10 @@ class LocalCameras:
         except PipelineError as exc:
             raise ChangeRefused(409, str(exc)) from None
 
-    def families(self) -> list:
-        from pipeline.exporter import PipelineCollector, families_to_json
+    def families(self, worker: int | None = None) -> list:
+        from pipeline.exporter import pipeline_families
 
-        return families_to_json(PipelineCollector(lambda: self.pipeline).collect())
+        return pipeline_families(self.pipeline, None if worker is None else {"worker": str(worker)})
 
 
 # -- worker processes ---------------------------------------------------------------------------
@@ -110,8 +110,9 @@ def control_endpoint(folder: str, index: int) -> str:
 class WorkerControl:
     """A worker's end: answers its supervisor's requests (JSON) about its `LocalCameras`, in a thread."""
 
-    def __init__(self, endpoint: str, cameras: LocalCameras):
+    def __init__(self, endpoint: str, cameras: LocalCameras, index: int):
         self.cameras = cameras
+        self.index = index
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.REP)
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -127,7 +128,7 @@ class WorkerControl:
             if op == "cameras":
                 return {"ok": True, "result": self.cameras.cameras()}
             if op == "metrics":
-                return {"ok": True, "result": self.cameras.families()}
+                return {"ok": True, "result": self.cameras.families(self.index)}
             if op == "add":
                 return {"ok": True, "result": self.cameras.add(CameraConfig.model_validate(request["camera"]))}
             if op == "remove":
@@ -248,6 +249,13 @@ class WorkerCameras:
             answer = link.ask({"op": "metrics"}, self.timeout_s) if self.alive(link.index) else None
             out[link.index] = answer["result"] if answer and answer["ok"] else None
         return out
+
+    def families(self) -> list:
+        """Every worker's families under one name each, and which workers answered."""
+        from pipeline.exporter import merge, workers_up
+
+        answers = self.fetch_families()
+        return [workers_up(answers), *merge(*(families for families in answers.values() if families))]
 
 
 # -- the service: one thread of changes, and SIGHUP ---------------------------------------------

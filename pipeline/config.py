@@ -329,7 +329,7 @@ class Config(_Strict):
         """A publisher or HTTP server other hosts can reach carries JPEG previews and camera control:
         keys (or a token) are the default, leaving them out is said on purpose (`insecure`)."""
         publish, runtime = self.publish, self.runtime
-        if not publish.keys and not publish.insecure and not is_local_endpoint(publish.bind):
+        if not publish.keys and not publish.insecure and is_reachable_endpoint(publish.bind):
             raise ValueError(f"publish.bind: {publish.bind} can be reached from other hosts: set publish.keys "
                              f"(make them with `run.py keys`) or publish.insecure: true")
         if (runtime.metrics_bind and not runtime.api_token and not runtime.api_insecure
@@ -357,12 +357,13 @@ def is_loopback_host(host: str) -> bool:
         return False  # a name or an interface (eth0, *): reachable from elsewhere
 
 
-def is_local_endpoint(endpoint: str) -> bool:
-    """A ZeroMQ endpoint only this host can reach: ipc://, inproc://, or tcp:// on a loopback address."""
+def is_reachable_endpoint(endpoint: str) -> bool:
+    """A ZeroMQ endpoint other hosts can reach: a network transport not on a loopback address
+    (ipc:// and inproc:// are local; what is not an endpoint at all is refused when it is bound)."""
     scheme, _, rest = endpoint.partition("://")
-    if scheme in ("ipc", "inproc"):
-        return True
-    return is_loopback_host(rest.rsplit(":", 1)[0]) if scheme == "tcp" else False
+    if scheme == "tcp":
+        return not is_loopback_host(rest.rsplit(":", 1)[0])
+    return scheme in ("ws", "wss", "udp", "pgm", "epgm", "norm", "tipc", "vmci")
 
 
 def _expand_env(node, path: str, source: Path):

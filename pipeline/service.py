@@ -32,6 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
 
+from pipeline.exporter import render
+
 from pipeline.cameras import CameraService, ChangeRefused
 from pipeline.errors import PublishError
 
@@ -43,10 +45,10 @@ def _error(status: int, message: str) -> web.Response:
 
 
 class HttpServer:
-    def __init__(self, bind: str, service: CameraService, registry, token: str | None = None):
+    def __init__(self, bind: str, service: CameraService, metrics, token: str | None = None):
         self.bind = bind
         self.service = service
-        self.registry = registry
+        self.metrics = metrics  # () -> the /metrics body (bytes)
         self._token = token.encode() if token else None
         self._reads = ThreadPoolExecutor(1, thread_name_prefix="http-reads")
         self._loop = asyncio.new_event_loop()
@@ -138,7 +140,7 @@ class HttpServer:
         return web.json_response(state, status=200 if state["ready"] else 503)
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        body = await self._read(generate_latest, self.registry)
+        body = await self._read(self.metrics)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _cameras(self, request: web.Request) -> web.Response:
@@ -157,16 +159,20 @@ class HttpServer:
         return web.json_response(entry, dumps=lambda value: json.dumps(value, default=str))
 
 
-def start_control_plane(config, config_path: str, backend, collector) -> tuple[CameraService, HttpServer | None]:
+def start_control_plane(config, config_path: str, backend) -> tuple[CameraService, HttpServer | None]:
     """The camera service with SIGHUP on it, and the HTTP server when `runtime.metrics_bind` is set
-    (the run's main process only: workers take orders from their supervisor)."""
+    (the run's main process only: workers take orders from their supervisor). `/metrics` is the
+    backend's families (pipeline/exporter.py) and prometheus-client's process metrics."""
     service = CameraService(backend, config_path)
     signal.signal(signal.SIGHUP, lambda _signum, _frame: service.request_reload())
     server = None
     if config.runtime.metrics_bind:
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(collector)
         ProcessCollector(registry=registry)  # process_cpu_seconds_total, resident memory, open fds
+
+        def metrics() -> bytes:
+            return render(backend.families()).encode() + generate_latest(registry)
+
         token = config.runtime.api_token.get_secret_value() if config.runtime.api_token else None
-        server = HttpServer(config.runtime.metrics_bind, service, registry, token).start()
+        server = HttpServer(config.runtime.metrics_bind, service, metrics, token).start()
     return service, server

@@ -212,13 +212,12 @@ def _supervise(config: Config, config_path: str, summary_json: str | None, log_l
         workers.append(Worker(i, count, config, config_path, summaries[i], internal_endpoint(folder), log_level))
 
     from pipeline.cameras import WorkerCameras, WorkerLink, control_endpoint
-    from pipeline.exporter import WorkersCollector
     from pipeline.service import start_control_plane
 
     links = [WorkerLink(proxy.front.context, control_endpoint(folder, w.index), w.index) for w in workers]
     placed = {camera.id: i for i in range(len(workers)) for camera in config.cameras[i::count]}
     cameras = WorkerCameras(config, links, placed, alive=lambda i: workers[i].process.poll() is None)
-    service, server = start_control_plane(config, config_path, cameras, WorkersCollector(cameras.fetch_families))
+    service, server = start_control_plane(config, config_path, cameras)
     service.curve = proxy.curve
     try:
         return _watch(config, stop_requested, workers, proxy, summaries, summary_json, deadline_s)
