@@ -74,7 +74,6 @@ def cmd_run(args) -> int:
         return run_workers(config, args.config, args.summary_json, args.log_level, stop_requested, signals)
     from pipeline.cameras import LocalCameras, WorkerControl
     from pipeline.graph import Pipeline  # builds model, engine and socket: everything but the run
-    from pipeline.service import start_control_plane
 
     # the control plane first, so /healthz answers and /readyz says "loading" while the model loads
     cameras = LocalCameras(config)
@@ -82,6 +81,8 @@ def cmd_run(args) -> int:
     if args.control:  # a worker: its supervisor asks (metrics, cameras, changes) over this socket
         WorkerControl(args.control, cameras, worker)
     elif not args.check:
+        from pipeline.service import start_control_plane  # aiohttp: not imported by workers (a second to start)
+
         service, server = start_control_plane(config, args.config, cameras)
     deadline = config.runtime.shutdown_deadline_s
     try:

@@ -236,8 +236,15 @@ def test_workers_one_metrics_endpoint_and_new_cameras_on_the_least_loaded(tmp_pa
         assert status == 200 and json.loads(body)["worker"] == 0, body
         messages = subscriber.collect(lambda ms: any(m["type"] == "end" and m["camera"] == "a" for _, m in ms), timeout=60)
         assert next(m for _, m in messages if m["type"] == "end" and m["camera"] == "a")["reason"] == "removed"
+        # SIGHUP to the supervisor: the file's cameras become b, c, e (d, added by the API, is not in it)
+        config["cameras"] = [{"id": i, **camera} for i in ("b", "c", "e")]
+        path.write_text(yaml.safe_dump(config))
+        process.send_signal(signal.SIGHUP)
+        subscriber.collect(lambda ms: len(detections(ms, "e")) >= 3, timeout=120)
+        cameras = json.loads(http("GET", f"{base}/cameras")[1])["cameras"]
+        assert sorted((c["id"], c["worker"]) for c in cameras) == [("b", 1), ("c", 0), ("e", 0)]  # d went, e on the emptier
         process.send_signal(signal.SIGTERM)
-        messages = subscriber.collect(lambda ms: {m["camera"] for _, m in ms if m["type"] == "end"} >= {"a", "b", "c", "d"},
+        messages = subscriber.collect(lambda ms: {m["camera"] for _, m in ms if m["type"] == "end"} >= {"a", "b", "c", "d", "e"},
                                       timeout=120)
         _, err = process.communicate(timeout=90)
     finally:
