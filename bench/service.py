@@ -224,7 +224,7 @@ def part_scrape(cameras: int, folder: Path) -> list[dict]:
     return rows
 
 
-def part_changes(folder: Path, fps: int) -> list[dict]:
+def part_changes(folder: Path, fps: int, window_s: float = 15.0) -> list[dict]:
     """4 paced cameras; after a baseline window, a fifth is added and later removed through the HTTP
     API. The 4's latencies are compared before and during; their frame indexes must stay contiguous."""
     import zmq
@@ -258,14 +258,14 @@ def part_changes(folder: Path, fps: int) -> list[dict]:
     try:
         while not any(m.get("camera") == "cam3" for _, m in received):
             time.sleep(0.2)
-        time.sleep(15)
+        time.sleep(window_s)
         marks["add"] = time.monotonic()
         body = json.dumps({"id": "extra", "url": str(clip), "loop": True, "realtime": True}).encode()
         urllib.request.urlopen(urllib.request.Request(url, body, method="POST"), timeout=60).read()
         time.sleep(7)
         urllib.request.urlopen(urllib.request.Request(f"{url}/extra", method="DELETE"), timeout=60).read()
         marks["removed"] = time.monotonic()
-        time.sleep(8)
+        time.sleep(window_s)
         marks["end"] = time.monotonic()
     finally:
         process.terminate()
@@ -316,6 +316,7 @@ def main() -> int:
     parser.add_argument("--scrape-every", type=float, default=1.0)
     parser.add_argument("--changes-fps", type=int, default=0,
                         help="fps of each of the 4 cameras; 0: a third of what this machine infers now, over 5 cameras")
+    parser.add_argument("--window", type=float, default=15.0, help="changes: seconds before and after the add/remove")
     parser.add_argument("--parts", default="metrics,scrape,changes,curve")
     parser.add_argument("--note", default="", help="what else ran on the machine")
     args = parser.parse_args()
@@ -335,7 +336,7 @@ def main() -> int:
                 from conftest import engine_fps
 
                 fps = int(max(1, min(10, engine_fps() / 15)))
-            rows += part_changes(folder, fps)
+            rows += part_changes(folder, fps, args.window)
         if "curve" in parts:
             rows += part_curve(clip, args.repeat, folder)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
