@@ -76,14 +76,32 @@ def cmd_run(args) -> int:
         from pipeline.workers import run_workers
 
         return run_workers(config, args.config, args.summary_json, args.log_level, stop_requested, signals)
+    from pipeline.cameras import LocalCameras, WorkerControl
     from pipeline.graph import Pipeline  # builds model, engine and socket: everything but the run
 
+    # the control plane first, so /healthz answers and /readyz says "loading" while the model loads
+    cameras = LocalCameras(config)
+    service = server = None
+    if args.control:  # a worker: its supervisor asks (metrics, cameras, changes) over this socket
+        WorkerControl(args.control, cameras, worker)
+    elif not args.check:
+        from pipeline.service import start_control_plane  # aiohttp: not imported by workers (a second to start)
+
+        service, server = start_control_plane(config, args.config, cameras)
     deadline = config.runtime.shutdown_deadline_s
-    pipeline = load_interruptibly(lambda: Pipeline(config, publish_connect=args.publish_connect), stop_requested, deadline)
+    try:
+        pipeline = load_interruptibly(lambda: Pipeline(config, publish_connect=args.publish_connect), stop_requested, deadline)
+    except BaseException:
+        if server is not None:
+            server.stop()
+        raise
     if args.check:
         pipeline.close()
         print(f"{args.config}: ok")
         return 0
+    cameras.pipeline = pipeline
+    if service is not None:
+        service.curve = pipeline.curve  # SIGHUP re-reads the admitted subscriber keys too
     log.info("running %d camera(s) with %s, batch <= %d, publishing on %s", len(config.cameras),
              pipeline.engine.name, pipeline.engine.max_batch, pipeline.endpoint)
     subscribers = None
@@ -98,6 +116,10 @@ def cmd_run(args) -> int:
         log.warning("camera(s) %s: reader still in a network read at exit; abandoned", ", ".join(blocked))
     summary = pipeline.snapshot()
     log.info("done: %s", pipeline.status_line())
+    if service is not None:
+        service.close()
+    if server is not None:
+        server.stop()
     pipeline.close()  # the publisher's last messages leave here (within the shutdown deadline)
     if pipeline.sinks:  # as they stand once the brokers had the deadline for what was buffered
         summary["sinks"] = {sink.name: sink.snapshot() for sink in pipeline.sinks}
@@ -122,7 +144,14 @@ def cmd_subscribe(args) -> int:
     from stages.publish import topic_for
 
     _setup_logging(args.log_level or "info")
+    from pipeline.keys import secure_client
+
     socket = zmq.Context.instance().socket(zmq.SUB)
+    try:
+        secure_client(socket, args.server_key, args.client_key)
+    except UsageError:
+        socket.close(0)
+        raise
     try:
         socket.connect(args.connect)
     except zmq.ZMQError as exc:
@@ -181,6 +210,18 @@ def cmd_fleet(args) -> int:
               f"{type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(status, indent=2) if args.json else format_status(status))
+
+
+def cmd_keys(args) -> int:
+    from pipeline.keys import make_keys
+
+    written = make_keys(args.dir, args.client or ["client"])
+    for path in written:
+        print(path)
+    if not written:
+        print(f"{args.dir}: every key asked for exists already (nothing overwritten)")
+    print(f"publisher: publish.keys: {{server: {args.dir}/server.key_secret, clients: {args.dir}/clients}}\n"
+          f"subscriber: --server-key {args.dir}/server.key --client-key {args.dir}/<name>.key_secret")
     return 0
 
 
@@ -247,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--check", action="store_true", help="validate the config, open every video file, load the model and bind the publisher, then exit")
     run.add_argument("--worker", metavar="I/N", type=_worker, help=argparse.SUPPRESS)  # set by the supervisor (runtime.workers)
     run.add_argument("--publish-connect", metavar="ENDPOINT", help=argparse.SUPPRESS)
+    run.add_argument("--control", metavar="ENDPOINT", help=argparse.SUPPRESS)  # a worker's control socket
     run.set_defaults(func=cmd_run)
 
     sub = commands.add_parser("subscribe", help="print the messages one or more cameras publish")
@@ -258,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="exit 1 when no message arrives for this many seconds")
     sub.add_argument("--summary", action="store_true", help="one short line per message instead of the JSON header")
     sub.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    _key_arguments(sub)
     sub.set_defaults(func=cmd_subscribe)
 
     fleet = commands.add_parser("fleet", help="fleet mode: `fleet status` shows which host holds which camera")
@@ -289,8 +332,23 @@ def build_parser() -> argparse.ArgumentParser:
     view.add_argument("--duration", type=_number(float, 0, 365 * DAY_S, low_open=True), metavar="SECONDS",
                       help="exit after this many seconds")
     view.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    _key_arguments(view)
     view.set_defaults(func=cmd_view)
+
+    keys = commands.add_parser("keys", help="make ZeroMQ CURVE keys: the publisher's pair and one per subscriber")
+    keys.add_argument("--dir", default="keys", help="folder for the keys (default: %(default)s)")
+    keys.add_argument("--client", action="append", default=None, metavar="NAME",
+                      help="a subscriber's key pair NAME.key_secret, its public key admitted in clients/; repeat "
+                      "for several (default: one named client)")
+    keys.set_defaults(func=cmd_keys)
     return parser
+
+
+def _key_arguments(command) -> None:
+    command.add_argument("--server-key", metavar="FILE", help="the publisher's public key (server.key from run.py keys), "
+                         "when it has publish.keys")
+    command.add_argument("--client-key", metavar="FILE", help="this subscriber's key pair (NAME.key_secret), admitted "
+                         "by the publisher's clients folder")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,6 +69,10 @@ class HostSlotPool:
             self._cond.notify_all()
 
     @property
+    def free(self) -> int:
+        return len(self._free)
+
+    @property
     def closed(self) -> bool:
         return self._closed
 

@@ -14,7 +14,7 @@ from urllib.parse import unquote, urlsplit
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
 
@@ -242,8 +242,18 @@ class MqttSinkConfig(_Strict):
 SinkConfig = Annotated[RedisSinkConfig | MqttSinkConfig, Field(discriminator="kind")]
 
 
+class PublishKeys(_Strict):
+    """ZeroMQ CURVE for the publisher (`run.py keys` makes them): only subscribers whose public key
+    is in `clients` get in, and what they receive is encrypted."""
+
+    server: Path  # the publisher's key pair (a `.key_secret` file, as zmq.auth writes it)
+    clients: Path  # a folder of the allowed subscribers' public keys (`*.key`)
+
+
 class PublishConfig(_Strict):
     bind: str = "tcp://127.0.0.1:5555"
+    keys: PublishKeys | None = None
+    insecure: bool = False  # bind beyond loopback without keys, on purpose
     send_hwm: Annotated[int, Field(ge=1, le=MAX_MESSAGES)] = 1000
     wait_subscribers: Annotated[int, Field(ge=0, le=10_000)] = 0
     wait_timeout_s: Seconds = 10.0
@@ -279,6 +289,20 @@ class RuntimeConfig(_Strict):
     # own CUDA context, publishing through one endpoint (pipeline/workers.py); 0 = one process
     workers: Annotated[int, Field(ge=0, le=64)] = 0
     worker_devices: Annotated[list[Annotated[int, Field(ge=0, le=MAX_DEVICE)]], Field(max_length=64)] = []  # GPU of worker i: worker_devices[i % len]; [] = engine.device
+    # the HTTP server (Prometheus /metrics, /healthz, /readyz, the /cameras API): HOST:PORT, off when
+    # unset; port 0 = a free one (logged). Beyond loopback it needs api_token or api_insecure
+    metrics_bind: Annotated[str, Field(pattern=r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}$")] | None = None
+    api_token: SecretStr | None = None  # bearer token for the HTTP server (never logged, never in an error)
+    api_insecure: bool = False  # serve beyond loopback without a token, on purpose
+
+
+    @field_validator("api_token")
+    @classmethod
+    def _long_token(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is not None and not 16 <= len(token.get_secret_value()) <= 4096:
+            raise ValueError("must be 16 to 4096 characters (make one: python -c 'import secrets; "
+                             "print(secrets.token_urlsafe())')")
+        return token
 
 
 class ClusterConfig(_Strict):
@@ -361,11 +385,46 @@ class Config(_Strict):
                              f"is nvdec); use gpu or auto")
         return self
 
+    @model_validator(mode="after")
+    def _network_needs_keys(self) -> "Config":
+        """A publisher or HTTP server other hosts can reach carries JPEG previews and camera control:
+        keys (or a token) are the default, leaving them out is said on purpose (`insecure`)."""
+        publish, runtime = self.publish, self.runtime
+        if not publish.keys and not publish.insecure and is_reachable_endpoint(publish.bind):
+            raise ValueError(f"publish.bind: {publish.bind} can be reached from other hosts: set publish.keys "
+                             f"(make them with `run.py keys`) or publish.insecure: true")
+        if (runtime.metrics_bind and not runtime.api_token and not runtime.api_insecure
+                and not is_loopback_host(runtime.metrics_bind.rsplit(":", 1)[0])):
+            raise ValueError(f"runtime.metrics_bind: {runtime.metrics_bind} can be reached from other hosts: set "
+                             f"runtime.api_token or runtime.api_insecure: true")
+        return self
+
     @property
     def letterbox_on_gpu(self) -> bool:
         if self.runtime.letterbox_device == "auto":
             return any(camera.decoder == "nvdec" for camera in self.cameras)
         return self.runtime.letterbox_device == "gpu"
+
+
+def is_loopback_host(host: str) -> bool:
+    import ipaddress
+
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name or an interface (eth0, *): reachable from elsewhere
+
+
+def is_reachable_endpoint(endpoint: str) -> bool:
+    """A ZeroMQ endpoint other hosts can reach: a network transport not on a loopback address
+    (ipc:// and inproc:// are local; what is not an endpoint at all is refused when it is bound)."""
+    scheme, _, rest = endpoint.partition("://")
+    if scheme == "tcp":
+        return not is_loopback_host(rest.rsplit(":", 1)[0])
+    return scheme in ("ws", "wss", "udp", "pgm", "epgm", "norm", "tipc", "vmci")
 
 
 def _expand_env(node, path: str, source: Path):
@@ -394,12 +453,17 @@ def _key_path(loc: tuple) -> str:
     return out or "(top level)"
 
 
+_SECRET_KEYS = {"api_token"}
+
+
 def _describe(error: dict) -> str:
     kind = error["type"]
     if kind == "extra_forbidden":
         return "unknown key"
     if kind == "missing":
         return "required key is missing"
+    if any(part in _SECRET_KEYS for part in error["loc"]):
+        return error["msg"]  # never the value itself
     given = error.get("input")
     shown = repr(given) if not isinstance(given, (dict, list)) else type(given).__name__
     return f"{error['msg']} (got {shown})"
@@ -413,6 +477,13 @@ def _resolve_paths(data: dict, base: Path) -> None:
             value = model.get(key)
             if isinstance(value, str) and value and not os.path.isabs(value):
                 model[key] = str((base / value).resolve())
+    publish = data.get("publish")
+    keys = publish.get("keys") if isinstance(publish, dict) else None
+    if isinstance(keys, dict):
+        for key in ("server", "clients"):
+            value = keys.get(key)
+            if isinstance(value, str) and value and not os.path.isabs(value):
+                keys[key] = str((base / value).resolve())
     for camera in data.get("cameras") or []:
         if isinstance(camera, dict):
             url = camera.get("url")
@@ -431,12 +502,41 @@ def parse_config(data, source: Path | str = "<config>", base: Path | None = None
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        more = exc.error_count() - 1
-        suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
-        if not first["loc"] and first["type"] == "value_error":  # a whole-config rule names its own keys
-            raise ConfigError(f"{source}: {first['ctx']['error']}{suffix}") from None
-        raise ConfigError(f"{source}: {_key_path(first['loc'])}: {_describe(first)}{suffix}") from None
+        raise _one_line(exc, source) from None
+
+
+def _one_line(exc: ValidationError, source) -> ConfigError:
+    first = exc.errors()[0]
+    more = exc.error_count() - 1
+    suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    if not first["loc"] and first["type"] == "value_error":  # a whole-config rule names its own keys
+        return ConfigError(f"{source}: {first['ctx']['error']}{suffix}")
+    return ConfigError(f"{source}: {_key_path(first['loc'])}: {_describe(first)}{suffix}")
+
+
+def parse_camera(data, config: Config, source: str, base: Path | None = None) -> CameraConfig:
+    """A camera added while the run goes (the HTTP API): the same model and the same one-line
+    errors as a `cameras[]` entry of the file (key paths from the body), then the whole-config rules
+    (tracking for zones, a GPU engine for nvdec) against the running config. No `${VAR}` expansion:
+    a request must not read the server's environment. Duplicate ids are the caller's to refuse."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a JSON object (a camera, as in cameras[] of the config), "
+                          f"got {type(data).__name__}")
+    data = dict(data)
+    _resolve_paths({"cameras": [data]}, Path.cwd() if base is None else base)
+    try:
+        camera = CameraConfig.model_validate(data)
+    except ValidationError as exc:
+        raise _one_line(exc, source) from None
+    others = [c for c in config.cameras if c.id != camera.id]
+    try:
+        Config.model_validate({**dict(config), "cameras": [*others, camera]})
+    except ValidationError as exc:
+        error = _one_line(exc, source)
+        where = f"cameras[{len(others)}]."
+        raise ConfigError(str(error).replace(f"or {where}tracking.enabled", "or the camera's tracking.enabled")
+                          .replace(where, "")) from None
+    return camera
 
 
 def load_config(path: Path | str) -> Config:

@@ -11,6 +11,11 @@ while every stage drains what is in flight. A stage that fails stops the run the
 `runtime.shutdown_deadline_s`; past that deadline every wait is ended (`abort`) so no thread stays
 blocked. The publisher's ZeroMQ context is the pipeline's own and is terminated at `close`, so
 its queued messages (the last detections, the `end` messages) get their linger.
+
+Cameras can join and leave a running graph (`add_camera`, `remove_camera`; pipeline/cameras.py
+drives them from the HTTP API and SIGHUP): a new source and queue join the batch stage's fan-in;
+a removed camera's source stops, its queued frames go through and are published, then its `end`
+message ("removed"); the other cameras' queues are never touched.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ import zmq
 
 from engines import DeviceEngine, create_engine, require_engine
 from pipeline.buffers import HostSlotPool
-from pipeline.config import Config
+from pipeline.config import CameraConfig, Config
+from pipeline.errors import ConfigError
 from pipeline.metrics import StatusReporter
 from pipeline.model import check_classes, labels_for, prepare_model, read_labels, rect_shape
 from pipeline.queues import BoundedQueue, Credits, FanIn
@@ -67,6 +73,10 @@ class Pipeline:
         self.stop_event = threading.Event()
         cv2.setNumThreads(config.runtime.opencv_threads)
         sizes = probe_files(config.cameras)  # an unreadable file is a config mistake: fail before loading anything
+        if config.publish.keys is not None and publish_connect is None:
+            from pipeline.keys import CurveServer
+
+            CurveServer.check(config.publish.keys)  # so are missing keys
         require_engine(config.engine.kind)
         names = read_labels(config.model.labels)
         model = prepare_model(config.model.path, config.model.preset, config.engine.max_batch, config.model.letterbox)
@@ -97,19 +107,22 @@ class Pipeline:
         else:
             self.pool = HostSlotPool(slots, (self.engine.max_batch, h, w, 3))
         self.context = zmq.Context()  # the pipeline's own: `close` terminates it, which is what applies the linger
-        self.socket = bind_publisher(config.publish, context=self.context, connect=publish_connect,
-                                     linger_s=config.runtime.shutdown_deadline_s)
+        self.curve = None
+        if config.publish.keys is not None and publish_connect is None:  # a worker's proxy holds the keys
+            from pipeline.keys import CurveServer
+
+            self.curve = CurveServer(self.context, config.publish.keys)
+        try:
+            self.socket = bind_publisher(config.publish, context=self.context, connect=publish_connect,
+                                         linger_s=config.runtime.shutdown_deadline_s, curve=self.curve)
+        except BaseException:
+            if self.curve is not None:
+                self.curve.stop()
+            raise
         self.endpoint = publish_connect or bound_endpoint(self.socket)
         self.sinks = create_sinks(config.publish.sinks, client_name=f"vapipe-{os.getpid()}")
 
-        self.sources: list[SourceStage] = []
-        for camera in config.cameras:
-            policy = "drop_oldest" if camera.is_live else "block"
-            queue = BoundedQueue(2 if camera.is_live else size, policy, name=f"camera.{camera.id}")
-            source = SourceStage(camera, queue, self.stop_event, keep_video=config.letterbox_on_gpu,
-                                 device=config.engine.device)
-            queue._on_drop = lambda _item, s=source: s.metrics.drop("queue_full")
-            self.sources.append(source)
+        self.sources: list[SourceStage] = [self._make_source(camera) for camera in config.cameras]
 
         batched = BoundedQueue(size, name="batched")
         boxed = BoundedQueue(size, name="letterboxed")
@@ -148,9 +161,89 @@ class Pipeline:
                                     events_prefix=config.publish.events_topic_prefix,
                                     event_cameras=[c.id for c in config.cameras if c.zones or c.lines],
                                     sinks=self.sinks, ownership=ownership)
-        self.stages = [*self.sources, self.batch, self.letterbox, self.infer, self.postprocess,
-                       *([self.track] if self.track else []), self.publish]
+        # the stages after the sources (the sources come and go: `add_camera`, `remove_camera`)
+        self.core_stages = [self.batch, self.letterbox, self.infer, self.postprocess,
+                            *([self.track] if self.track else []), self.publish]
         self.status = StatusReporter([s.metrics for s in self.stages], self.publish.metrics)
+        self._changing = threading.Lock()  # one camera change at a time
+        self.removed_cameras: dict[str, dict] = {}  # id -> final statistics, for the summary
+
+    @property
+    def stages(self) -> list:
+        return [*self.sources, *self.core_stages]
+
+    def _make_source(self, camera: CameraConfig) -> SourceStage:
+        policy = "drop_oldest" if camera.is_live else "block"
+        queue = BoundedQueue(2 if camera.is_live else self.config.runtime.queue_size, policy, name=f"camera.{camera.id}")
+        # its own stop: a removed camera stops alone (`stop` sets every camera's)
+        source = SourceStage(camera, queue, threading.Event(), keep_video=self.config.letterbox_on_gpu,
+                             device=self.config.engine.device)
+        queue._on_drop = lambda _item, s=source: s.metrics.drop("queue_full")
+        return source
+
+    def add_camera(self, camera: CameraConfig) -> SourceStage:
+        """Start a camera in the running graph (validated by pipeline.config.parse_camera); raises
+        ConfigError with one line when it cannot join (an unreadable file, a duplicate id, tracking
+        this run's graph has no stage for, the run ending)."""
+        with self._changing:
+            where = f"camera {camera.id}"
+            if any(s.camera.id == camera.id for s in self.sources):
+                raise ConfigError(f"{where}: a camera with this id is running already")
+            if self.track is None and self.config.tracking_for(camera).enabled:
+                raise ConfigError(f"{where}: tracking: this run started without tracking (no track stage); "
+                                  f"restart with tracking on to add tracked cameras")
+            if camera.decoder == "nvdec" and not self.config.letterbox_on_gpu:
+                raise ConfigError(f"{where}: decoder: nvdec needs the GPU letterbox, which this run did not start with")
+            if camera.is_file:
+                try:
+                    probe_files([camera])
+                except ConfigError as exc:  # named as the API names it: the body's keys
+                    raise ConfigError(str(exc).replace("cameras[0].", "", 1)) from None
+            source = self._make_source(camera)
+            if camera.is_live and self.batch.credits is None:  # the first live camera: bound its latency
+                self.credits = self.batch.credits = Credits(self.config.runtime.live_batches_in_flight)
+            if self.track is not None and self.config.tracking_for(camera).enabled:
+                from stages.track import tracked_cameras
+
+                self.track.cameras.update(tracked_cameras(self.config.model_copy(update={"cameras": [camera]}), self.labels))
+            if self.stop_event.is_set() or not self.batch.inbox.add(source.outbox):
+                raise ConfigError(f"{where}: the run is stopping; no camera can join")
+            self.publish.add_camera(camera.id, events=bool(camera.zones or camera.lines))  # before its first frame
+            self.sources = [*self.sources, source]
+            self.config = self.config.model_copy(update={"cameras": [*self.config.cameras, camera]})
+            self.status.metrics = [s.metrics for s in self.stages]
+            source.start()
+            log.info("camera %s added: %s", camera.id, source.safe_url)
+            return source
+
+    def remove_camera(self, camera_id: str, timeout_s: float | None = None) -> dict:
+        """Stop one camera; its queued frames are published, then its `end` message ("removed").
+        Returns its final statistics. KeyError: no such camera; ConfigError: it is the last one
+        still running (the run would end: stop it instead)."""
+        with self._changing:
+            source = next((s for s in self.sources if s.camera.id == camera_id), None)
+            if source is None:
+                raise KeyError(camera_id)
+            if not any(s is not source and not s.outbox.closed for s in self.sources):
+                raise ConfigError(f"camera {camera_id}: the last camera of this run cannot be removed "
+                                  f"(the run would end); add another first, or stop the run")
+            source.stop_event.set()
+            source.outbox.close()  # refuses its reader's next frame; what is queued still goes through
+            source.join(timeout=1.0)  # a reader in a network read stays there up to its read timeout
+            # the last queued frame is waited for as long as the camera's frames keep coming out
+            wait_s = max(5.0, self.config.runtime.shutdown_deadline_s) if timeout_s is None else timeout_s
+            done = self.publish.retire(camera_id, source.last_queued, wait_s)
+            while not done.wait(0.5) and not self.finished:
+                pass
+            self.batch.inbox.remove(source.outbox)
+            self.sources = [s for s in self.sources if s is not source]
+            self.config = self.config.model_copy(update={"cameras": [c for c in self.config.cameras if c.id != camera_id]})
+            self.status.metrics = [s.metrics for s in self.stages]
+            if self.track is not None:
+                self.track.cameras.pop(camera_id, None)
+            log.info("camera %s removed after %d frame(s)", camera_id, source.next_index)
+            self.removed_cameras[camera_id] = source.snapshot()
+            return self.removed_cameras[camera_id]
 
     def start(self, stop_requested: threading.Event | None = None, subscribers: int | None = None) -> None:
         """Start every stage, after waiting for `subscribers` (default `publish.wait_subscribers`).
@@ -184,6 +277,7 @@ class Pipeline:
         """
         self.stop_event.set()
         for source in self.sources:
+            source.stop_event.set()
             source.outbox.close()
 
     def abort(self) -> None:
@@ -199,7 +293,7 @@ class Pipeline:
     @property
     def finished(self) -> bool:
         # the sources are not waited for: once their queues are closed and drained, the graph is done
-        return not any(stage.alive for stage in self.stages[len(self.sources):])
+        return not any(stage.alive for stage in self.core_stages)
 
     def join_sources(self, timeout: float) -> list[str]:
         """Wait up to `timeout` for the source threads; return the cameras whose reader is still blocked."""
@@ -221,8 +315,10 @@ class Pipeline:
         """Why a camera's stream ended, for its end message: "eof" only when its file was read to
         the end and every frame went through; "failed" when the run failed (a camera cut off by
         another's failure is not complete); else "stopped" (a signal)."""
-        source = next(s for s in self.sources if s.camera.id == camera)
-        if source.failure is not None or any(stage.failure is not None for stage in self.stages[len(self.sources):]):
+        source = next((s for s in self.sources if s.camera.id == camera), None)
+        if source is None:
+            return "removed" if camera in self.removed_cameras else "stopped"
+        if source.failure is not None or any(stage.failure is not None for stage in self.core_stages):
             return "failed"
         if source.end_reason == "eof":
             return "eof"
@@ -253,7 +349,7 @@ class Pipeline:
             if stop_deadline is not None and now > stop_deadline:
                 log.error("shutdown deadline (%.1f s) passed with stage(s) %s still running; what they hold is lost",
                           self.config.runtime.shutdown_deadline_s,
-                          ", ".join(s.name for s in self.stages[len(self.sources):] if s.alive))
+                          ", ".join(s.name for s in self.core_stages if s.alive))
                 self.abort()
                 return False
             if now >= next_status:
@@ -271,6 +367,8 @@ class Pipeline:
             return  # a stage is still running (shutdown deadline passed): leave its memory and socket alone
         if not self.socket.closed:  # never started: the publish stage did not close it
             self.socket.close()
+        if self.curve is not None:
+            self.curve.stop()
         self.context.term()
         if self.pinned is not None:
             from pipeline.cuda import set_device
@@ -286,6 +384,8 @@ class Pipeline:
     def snapshot(self) -> dict:
         summary = self.status.summary()
         summary["cameras"] = {s.camera.id: s.snapshot() for s in self.sources}
+        if self.removed_cameras:
+            summary["removed_cameras"] = dict(self.removed_cameras)
         summary["subscriptions"] = self.publish.subscriptions
         # batches per model input shape (HxW): one shape a batch, one rectangle per camera shape
         summary["batches_by_shape"] = {f"{h}x{w}": n for (h, w), n in sorted(self.batch.batches_by_shape.items())}

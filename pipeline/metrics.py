@@ -1,12 +1,55 @@
-"""Counters every stage keeps (items in/out, drops by reason, processing latency) and the status line."""
+"""Counters every stage keeps (items in/out, drops by reason, processing latency) and the status line.
+
+Latencies are also counted into fixed histogram buckets (`LatencyHistogram`): a few list
+increments per item, read only when Prometheus scrapes (pipeline/exporter.py).
+"""
 
 from __future__ import annotations
 
+import bisect
 import collections
 import threading
 import time
 
 import numpy as np
+
+
+# upper bounds in seconds: letterbox and postprocess take about 1 ms, a live frame's whole way ~100 ms
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# capture to publish, one histogram per camera: fewer buckets (a scrape of 64 cameras renders them all)
+END_TO_END_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class LatencyHistogram:
+    """Counts of observations per bucket (not cumulative), their sum and count; thread-safe enough
+    for one writer and scrapers that read a slightly stale copy."""
+
+    __slots__ = ("bounds", "counts", "total_s", "count")
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS_S):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.total_s = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.total_s += seconds
+        self.count += 1
+
+    def merge(self, other: "LatencyHistogram") -> None:
+        for i, n in enumerate(other.counts):
+            self.counts[i] += n
+        self.total_s += other.total_s
+        self.count += other.count
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        """Prometheus' buckets: (upper bound, observations <= it), ending with +Inf."""
+        out, running = [], 0
+        for bound, n in zip((*(repr(b) for b in self.bounds), "+Inf"), list(self.counts)):
+            running += n
+            out.append((bound, running))
+        return out
 
 
 class StageMetrics:
@@ -17,11 +60,13 @@ class StageMetrics:
         self.frames_out = 0
         self.drops: collections.Counter[str] = collections.Counter()
         self._latency = collections.deque(maxlen=window)
+        self.histogram = LatencyHistogram()
         self._lock = threading.Lock()
 
     def record_latency(self, seconds: float) -> None:
         with self._lock:
             self._latency.append(seconds)
+            self.histogram.observe(seconds)
 
     def drop(self, reason: str, count: int = 1) -> None:
         with self._lock:

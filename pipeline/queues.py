@@ -150,8 +150,23 @@ class FanIn:
         self.queues = list(queues)
         self._ready = threading.Condition()
         self._next = 0
+        self.ended = False  # `get` returned CLOSED: nothing can join any more
         for q in self.queues:
             q._listeners.append(self._wake)
+
+    def add(self, queue: BoundedQueue) -> bool:
+        """A camera joins while the run goes; False once the fan-in has ended (the run is ending)."""
+        with self._ready:
+            if self.ended:
+                return False
+            queue._listeners.append(self._wake)
+            self.queues = [*self.queues, queue]  # a new list: `_try_get` may be walking the old one
+            return True
+
+    def remove(self, queue: BoundedQueue) -> None:
+        """Forget a queue (a removed camera's, once closed and drained)."""
+        with self._ready:
+            self.queues = [q for q in self.queues if q is not queue]
 
     def close(self) -> None:
         for q in self.queues:
@@ -167,9 +182,10 @@ class FanIn:
 
     def _try_get(self):
         all_closed = True
-        n = len(self.queues)
+        queues = self.queues
+        n = len(queues)
         for step in range(n):
-            q = self.queues[(self._next + step) % n]
+            q = queues[(self._next + step) % n]
             item = q.get(timeout=0)
             if item is CLOSED:
                 continue
@@ -184,6 +200,8 @@ class FanIn:
         while True:
             with self._ready:
                 item = self._try_get()
+                if item is CLOSED:
+                    self.ended = True
                 if item is not None:
                     return item
                 remaining = None if deadline is None else deadline - time.monotonic()

@@ -73,6 +73,7 @@ class SupervisorChannel:
         # the terminal's and systemd's signals reach the workers too: orders come from the supervisor only
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the supervisor re-reads the config and tells the workers
         self._thread.start()
         return self
 

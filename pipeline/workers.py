@@ -16,7 +16,10 @@ becomes a supervisor:
   them; if the supervisor dies, the pipe's end of file makes every worker exit;
 - it counts subscribers at its endpoint (`publish.wait_subscribers`), and says go once they are
   there; if a worker fails, the others are stopped and the run exits non-zero, naming the worker
-  and its cameras; a worker still running well past the shutdown deadline is killed.
+  and its cameras; a worker still running well past the shutdown deadline is killed;
+- it holds the publisher's CURVE keys (the proxy's front is the socket subscribers reach) and the
+  control plane (pipeline/service.py, pipeline/cameras.py): /metrics merges every worker's, a new
+  camera goes to the worker with the fewest, and SIGHUP is its alone (workers ignore it).
 """
 
 from __future__ import annotations
@@ -64,8 +67,10 @@ class Proxy:
     once), and when the workers are done it forwards what they sent last before it closes.
     """
 
-    def __init__(self, context: zmq.Context, bind: str, internal: str, send_hwm: int, linger_s: float):
+    def __init__(self, context: zmq.Context, bind: str, internal: str, send_hwm: int, linger_s: float, curve=None):
         self.front = context.socket(zmq.XPUB)
+        if curve is not None:
+            curve.secure(self.front)
         self.front.setsockopt(zmq.SNDHWM, send_hwm)
         self.front.setsockopt(zmq.XPUB_VERBOSE, 1)
         self.front.setsockopt(zmq.LINGER, int(linger_s * 1000))  # honoured when the context is terminated
@@ -79,6 +84,7 @@ class Proxy:
             self.back.close(0)
             raise PublishError(f"publish.bind: cannot bind {bind}: {exc.strerror}") from None
         self.back.bind(internal)
+        self.curve = curve
         self.subscriptions = 0  # subscription notices from subscribers (duplicates too)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="publish-proxy", daemon=True)
@@ -118,8 +124,12 @@ class Worker:
 
     def __init__(self, index: int, count: int, config: Config, config_path: str, summary: Path, internal: str,
                  log_level: str | None):
+        from pipeline.cameras import control_endpoint
+
+        folder = str(summary.parent)
         command = [sys.executable, str(Path(__file__).resolve().parent.parent / "run.py"), "run", "--config", config_path,
-                   "--worker", f"{index}/{count}", "--publish-connect", internal, "--summary-json", str(summary)]
+                   "--worker", f"{index}/{count}", "--publish-connect", internal, "--summary-json", str(summary),
+                   "--control", control_endpoint(folder, index)]
         if log_level:
             command += ["--log-level", log_level]
         self.index = index
@@ -155,9 +165,14 @@ def run_workers(config: Config, config_path: str, summary_json: str | None, log_
     probe_files(config.cameras)  # an unreadable file stops the run before any worker starts (exit 2)
     folder = tempfile.mkdtemp(prefix="vapipe-")  # the workers' internal endpoint and their summaries
     context = zmq.Context()
+    curve = None
     try:
+        if config.publish.keys is not None:
+            from pipeline.keys import CurveServer
+
+            curve = CurveServer(context, config.publish.keys)
         proxy = Proxy(context, config.publish.bind, internal_endpoint(folder), config.publish.send_hwm,
-                      config.runtime.shutdown_deadline_s)
+                      config.runtime.shutdown_deadline_s, curve)
         proxy.start()
         log.info("publishing on %s", bound_endpoint(proxy.front))
         workers: list[Worker] = []
@@ -171,6 +186,8 @@ def run_workers(config: Config, config_path: str, summary_json: str | None, log_
         finally:
             proxy.stop()  # forwards what the workers sent last
     finally:
+        if curve is not None:
+            curve.stop()
         context.term()  # the proxy's front lingers here: the last messages and `end`s reach subscribers
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -194,6 +211,26 @@ def _supervise(config: Config, config_path: str, summary_json: str | None, log_l
             break
         workers.append(Worker(i, count, config, config_path, summaries[i], internal_endpoint(folder), log_level))
 
+    from pipeline.cameras import WorkerCameras, WorkerLink, control_endpoint
+    from pipeline.service import start_control_plane
+
+    links = [WorkerLink(proxy.front.context, control_endpoint(folder, w.index), w.index) for w in workers]
+    placed = {camera.id: i for i in range(len(workers)) for camera in config.cameras[i::count]}
+    cameras = WorkerCameras(config, links, placed, alive=lambda i: workers[i].process.poll() is None)
+    service, server = start_control_plane(config, config_path, cameras)
+    service.curve = proxy.curve
+    try:
+        return _watch(config, stop_requested, workers, proxy, summaries, summary_json, deadline_s)
+    finally:
+        service.close()
+        if server is not None:
+            server.stop()
+        for link in links:
+            link.close()
+
+
+def _watch(config: Config, stop_requested: threading.Event, workers: list[Worker], proxy: Proxy, summaries: list[Path],
+           summary_json: str | None, deadline_s: float) -> int:
     wanted = config.publish.wait_subscribers
     said_go = False
     if wanted:

@@ -38,6 +38,7 @@ class InferStage(Stage):
         self.engine = engine
         self.pool = pool
         self._free_lanes = threading.Semaphore(lanes)
+        self.lanes_total = lanes
         self._workers = ThreadPoolExecutor(lanes, thread_name_prefix="infer-lane")
         self._submitted: queue.Queue = queue.Queue()
         self._completer = threading.Thread(target=self._complete_loop, name="stage-infer-complete", daemon=True)
@@ -45,6 +46,11 @@ class InferStage(Stage):
 
     def on_start(self) -> None:
         self._completer.start()
+
+    @property
+    def lanes_busy(self) -> int:
+        """Lanes with a batch in flight (for metrics; a Semaphore's count has no public reader)."""
+        return self.lanes_total - self._free_lanes._value
 
     def process(self, batch: FrameBatch) -> None:
         started = time.perf_counter()

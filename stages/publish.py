@@ -29,6 +29,7 @@ With tracking and zones or lines on a camera, each zone or line event goes out a
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import threading
@@ -40,6 +41,7 @@ import zmq
 
 from pipeline.config import PreviewConfig, PublishConfig
 from pipeline.errors import PublishError
+from pipeline.metrics import END_TO_END_BUCKETS_S, LatencyHistogram
 from pipeline.queues import BoundedQueue
 from pipeline.record import Frame
 from pipeline.stage import Stage
@@ -149,10 +151,11 @@ class PreviewGate:
 
 
 def bind_publisher(config: PublishConfig, context: zmq.Context | None = None, connect: str | None = None,
-                   linger_s: float = 2.0) -> zmq.Socket:
+                   linger_s: float = 2.0, curve=None) -> zmq.Socket:
     """The publishing socket, bound at `config.bind`; or, in a worker process, connected to the
     supervisor's proxy at `connect` (pipeline/workers.py). `linger_s`: how long queued messages may
-    take to leave once the socket is closed and its context terminated (the shutdown deadline)."""
+    take to leave once the socket is closed and its context terminated (the shutdown deadline).
+    `curve` (a pipeline.keys.CurveServer): only subscribers with an admitted key get in."""
     context = context or zmq.Context.instance()
     socket = context.socket(zmq.XPUB)
     socket.setsockopt(zmq.SNDHWM, config.send_hwm)
@@ -161,6 +164,8 @@ def bind_publisher(config: PublishConfig, context: zmq.Context | None = None, co
     if connect is not None:
         socket.connect(connect)
         return socket
+    if curve is not None:
+        curve.secure(socket)
     try:
         socket.bind(config.bind)
     except zmq.ZMQError as exc:
@@ -209,8 +214,11 @@ class PublishStage(Stage):
         self.end_reason = end_reason or (lambda _camera: "eof")
         self.socket = socket
         self.labels = labels
+        self.prefix, self.events_prefix = prefix, events_prefix
         self.topics = {camera: topic_for(prefix, camera) for camera in cameras}
         self.seq = {camera: 0 for camera in cameras}
+        # capture to publish, per camera (Prometheus: vapipe_capture_to_publish_seconds)
+        self.latency = {camera: LatencyHistogram(END_TO_END_BUCKETS_S) for camera in cameras}
         self.preview = preview if preview is not None and preview.enabled else None
         if self.preview is not None:
             self.preview_topics = {camera: topic_for(self.preview.topic_prefix, camera) for camera in cameras}
@@ -223,6 +231,57 @@ class PublishStage(Stage):
         self.event_topics = {camera: topic_for(events_prefix, camera) for camera in event_cameras}
         self.event_seq = {camera: 0 for camera in event_cameras}
         self.events_sent = 0
+        # cameras added or removed while the run goes (Pipeline.add_camera/remove_camera): asked for
+        # from another thread, applied in this one, which alone uses the socket and these dicts
+        self._changes: collections.deque = collections.deque()
+        self._retiring: dict[str, tuple[int | None, threading.Event, float]] = {}
+        self._last_index: dict[str, int] = {}  # camera -> index of the last frame published
+        self._retire_timeout: dict[str, float] = {}
+
+    def add_camera(self, camera: str, events: bool) -> None:
+        """Publish a new camera's frames (asked before its first frame can get here)."""
+        self._changes.append(("add", camera, events))
+
+    def retire(self, camera: str, last_index: int | None, timeout_s: float) -> threading.Event:
+        """A removed camera: once its frame `last_index` (the last its source queued; None: none)
+        is published, send its `end` ("removed") and forget it. A frame that never comes (dropped
+        on the way, counted there) is waited for until none of the camera's frames has come for
+        `timeout_s` (a backed-up pipeline still brings them: each one restarts the wait). The event
+        is set when done."""
+        done = threading.Event()
+        self._retire_timeout[camera] = timeout_s
+        self._changes.append(("retire", camera, (last_index, done, time.monotonic() + timeout_s)))
+        return done
+
+    def _apply_changes(self) -> None:
+        while self._changes:
+            kind, camera, argument = self._changes.popleft()
+            if kind == "add":
+                self.topics[camera] = topic_for(self.prefix, camera)
+                self.seq[camera] = 0
+                self.latency[camera] = LatencyHistogram(END_TO_END_BUCKETS_S)
+                if self.preview is not None:
+                    self.preview_topics[camera] = topic_for(self.preview.topic_prefix, camera)
+                    self.preview_seq[camera] = 0
+                if argument:
+                    self.event_topics[camera] = topic_for(self.events_prefix, camera)
+                    self.event_seq[camera] = 0
+            else:
+                self._retiring[camera] = argument
+
+    def _check_retiring(self, force: bool = False, frame: Frame | None = None) -> None:
+        now = time.monotonic()
+        for camera, (last_index, done, deadline) in list(self._retiring.items()):
+            if frame is not None and frame.camera == camera:  # still coming: wait on
+                deadline = now + self._retire_timeout[camera]
+                self._retiring[camera] = (last_index, done, deadline)
+            if force or last_index is None or self._last_index.get(camera, -1) >= last_index or now > deadline:
+                self._send_end(camera, "removed")
+                del self._retiring[camera]
+                for table in (self.topics, self.seq, self.latency, self._last_index, self.event_topics, self.event_seq,
+                              getattr(self, "preview_topics", {}), getattr(self, "preview_seq", {})):
+                    table.pop(camera, None)
+                done.set()
 
     def _send(self, topic: bytes, header: dict, *payload: bytes, camera: str | None = None) -> None:
         # never blocks: a full subscriber queue drops this message for that subscriber only (see above)
@@ -243,6 +302,11 @@ class PublishStage(Stage):
         self.previews_sent += 1
 
     def process(self, frame: Frame) -> None:
+        if self._changes:
+            self._apply_changes()
+        if frame.camera not in self.topics:  # a removed camera's straggler (its end went out): counted, not sent
+            self.metrics.drop("removed")
+            return
         frame.mark("publish")
         owner = None
         if self.ownership is not None:
@@ -256,6 +320,8 @@ class PublishStage(Stage):
             message.update(owner)
         self.seq[frame.camera] += 1
         self._send(self.topics[frame.camera], message, camera=frame.camera)
+        self.latency[frame.camera].observe(message["latency_ms"]["total"] / 1000.0)
+        self._last_index[frame.camera] = frame.index
         self.metrics.items_out += 1
         self.metrics.frames_out += 1
         if frame.events:
@@ -263,6 +329,8 @@ class PublishStage(Stage):
         if self.preview is not None:
             self._send_preview(frame)  # after the detections, so a viewer usually has them first
         self._drain_subscriptions()  # under load too: a busy publisher is never idle
+        if self._retiring:
+            self._check_retiring(frame=frame)
 
     def _send_events(self, frame: Frame) -> None:
         topic = self.event_topics.get(frame.camera)
@@ -274,7 +342,11 @@ class PublishStage(Stage):
             self.events_sent += 1
 
     def on_idle(self) -> None:
+        if self._changes:
+            self._apply_changes()
         self._drain_subscriptions()
+        if self._retiring:
+            self._check_retiring()
 
     def _drain_subscriptions(self) -> None:
         # XPUB queues every subscription notice (in a queue with no bound); read them so they never pile up
@@ -283,19 +355,25 @@ class PublishStage(Stage):
                 self.subscriptions += 1
 
     def flush(self) -> None:
+        self._apply_changes()
+        self._check_retiring(force=True)  # removed cameras whose last frame is past: "removed"
         # "reason" tells a complete stream ("eof") from one that was stopped or cut off by a failure
-        for camera, topic in self.topics.items():
-            end = {"schema": SCHEMA, "type": "end", "camera": camera, "seq": self.seq[camera],
-                   "reason": self.end_reason(camera)}
+        for camera in list(self.topics):
+            owner = None
             if self.ownership is not None:  # fleet mode: only the cameras this host holds end here
                 owner = self.ownership(camera)
                 if owner is None:
                     continue
-                end.update(owner)
-            self._send(topic, end, camera=camera)
-        for camera, topic in self.event_topics.items():
-            self._send(topic, {"schema": EVENTS_SCHEMA, "type": "end", "camera": camera, "seq": self.event_seq[camera],
-                               "reason": self.end_reason(camera)})
+            self._send_end(camera, self.end_reason(camera), owner)
+
+    def _send_end(self, camera: str, reason: str, owner: dict | None = None) -> None:
+        if camera in self.topics:
+            end = {"schema": SCHEMA, "type": "end", "camera": camera, "seq": self.seq[camera], "reason": reason}
+            end.update(owner or {})
+            self._send(self.topics[camera], end, camera=camera)
+        if camera in self.event_topics:
+            self._send(self.event_topics[camera], {"schema": EVENTS_SCHEMA, "type": "end", "camera": camera,
+                                                   "seq": self.event_seq[camera], "reason": reason})
 
     def on_stop(self) -> None:
         self.socket.close()

@@ -9,6 +9,7 @@ The camera's state is a value (`SourceState`) that statistics and logs report.
 
 from __future__ import annotations
 
+import collections
 import enum
 import logging
 import os
@@ -167,6 +168,17 @@ class SourceStage(Stage):
         self.frames_missing = 0  # declared frames that never came out of the decoder (all passes)
         self._missing_warned = False
         self._next_pass_due: float | None = None  # a paced loop: when the next pass's first packet is due
+        self.last_queued: int | None = None  # index of the last frame its queue accepted (a removal waits for it)
+        self._queued_at: collections.deque = collections.deque(maxlen=256)  # monotonic times, for `fps`
+
+    def fps(self, window_s: float = 5.0) -> float:
+        """Frames a second this camera delivered over the last `window_s` (0 when none came)."""
+        times = list(self._queued_at)
+        now = time.monotonic()
+        recent = [t for t in times if now - t <= window_s]
+        if len(recent) < 2:
+            return 0.0
+        return (len(recent) - 1) / max(recent[-1] - recent[0], 1e-6)
 
     # A source has no inbox: its loop is the decoder.
     def loop(self) -> None:
@@ -386,10 +398,14 @@ class SourceStage(Stage):
                         "(truncated or damaged file)", self.camera.id, self.safe_url, decoded, declared, missing)
 
     def emit(self, frame: Frame) -> None:
+        queued = self.metrics.items_out
         try:
             super().emit(frame)
         except Aborted:
             pass  # refused by a queue closed for shutdown: counted as `stopped`; the decode loop ends
+        if self.metrics.items_out != queued:
+            self.last_queued = frame.index
+            self._queued_at.append(time.monotonic())
 
     def snapshot(self) -> dict:
         """Per-camera statistics: state, reconnects, frames, drops (by reason) and retry state."""

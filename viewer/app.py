@@ -23,6 +23,9 @@ import cv2
 import numpy as np
 import zmq
 
+from pipeline.errors import UsageError
+from pipeline.keys import secure_client
+
 from pipeline.errors import PipelineError
 from viewer.annotate import blank_canvas, draw_analytics, draw_detections, draw_status, draw_trails
 from viewer.stream import CameraStream, Paired, count_lines
@@ -150,7 +153,8 @@ class SnapshotOutput:
 # -- the viewer -----------------------------------------------------------------------------------
 class Viewer:
     def __init__(self, endpoints: list[str], cameras: list[str] | None, prefix: str = "det",
-                 preview_prefix: str = "preview", outputs: list | None = None, canvas_width: int = 640):
+                 preview_prefix: str = "preview", outputs: list | None = None, canvas_width: int = 640,
+                 keys: tuple[str | None, str | None] = (None, None)):
         self.cameras = cameras
         self.prefix, self.preview_prefix = prefix.encode() + b"/", preview_prefix.encode() + b"/"
         self.outputs = outputs or []
@@ -167,6 +171,11 @@ class Viewer:
         # heartbeats notice a publisher host that vanished without closing the connection
         self.socket.setsockopt(zmq.HEARTBEAT_IVL, 2000)
         self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
+        try:
+            secure_client(self.socket, *keys)  # a publisher with CURVE keys (publish.keys) admits key holders only
+        except UsageError:
+            self.socket.close(0)
+            raise
         for camera in cameras or [None]:
             self.socket.setsockopt(zmq.SUBSCRIBE, topic(prefix, camera))
             self.socket.setsockopt(zmq.SUBSCRIBE, topic(preview_prefix, camera))
@@ -304,7 +313,7 @@ def run_viewer(args) -> int:
     if snapshots:
         outputs.append(snapshots)
     viewer = Viewer(args.connect or ["tcp://127.0.0.1:5555"], args.camera, args.prefix, args.preview_prefix, outputs,
-                    args.width)
+                    args.width, keys=(args.server_key, args.client_key))
     stop = threading.Event()
 
     def on_signal(signum, _frame):
