@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from engines.base import DeviceEngine, Engine, TensorSpec
 from pipeline.config import EngineConfig
 from pipeline.model import PreparedModel
@@ -20,9 +22,14 @@ def require_engine(kind: str) -> None:
         from engines.tensorrt_engine import import_tensorrt
 
         import_tensorrt()
+    elif kind == "triton":
+        from engines.triton_engine import import_tritonclient
+
+        import_tritonclient()
 
 
-def create_engine(config: EngineConfig, model: PreparedModel) -> Engine:
+def create_engine(config: EngineConfig, model: PreparedModel, model_path: Path | None = None) -> Engine:
+    """`model_path` (model.path) names the model on a Triton server unless engine.triton.model_name does."""
     if config.kind == "onnxruntime":
         from engines.onnxruntime_engine import OnnxRuntimeEngine
 
@@ -39,4 +46,10 @@ def create_engine(config: EngineConfig, model: PreparedModel) -> Engine:
         return TensorRTEngine(model, config.max_batch, config.lanes, fp16=config.fp16, workspace_mb=config.workspace_mb,
                               cache_dir=config.plan_cache_dir, plugins=config.plugins, min_batch=config.min_batch,
                               opt_batch=config.opt_batch, device=config.device)
+    if config.kind == "triton":
+        from engines.triton_engine import TritonEngine
+        from engines.triton_repository import default_model_name
+
+        name = config.triton.model_name or default_model_name(model_path)
+        return TritonEngine(config.triton, model, name, config.max_batch, config.lanes)
     raise ValueError(f"unknown engine kind {config.kind!r}")

@@ -51,7 +51,7 @@ class Pipeline:
         model = prepare_model(config.model.path, config.model.preset, config.engine.max_batch)
         self.labels = labels_for(names, model.num_classes, config.model.labels)
         check_classes(config.model.classes, model.num_classes)
-        self.engine = create_engine(config.engine, model)
+        self.engine = create_engine(config.engine, model, config.model.path)
         self.model = model
         size = config.runtime.queue_size
         h, w = model.input_hw
@@ -71,7 +71,9 @@ class Pipeline:
                 self.pool = HostSlotPool(slots, (self.engine.max_batch, h, w, 3), allocator=self.pinned)
             self.lanes = LaneSet(self.engine, config.engine.lanes)
         else:
-            self.pool = HostSlotPool(slots, (self.engine.max_batch, h, w, 3))
+            # an engine may bring its own host memory (triton: shared memory its server reads in place)
+            allocator = getattr(self.engine, "host_allocator", None)
+            self.pool = HostSlotPool(slots, (self.engine.max_batch, h, w, 3), **({"allocator": allocator} if allocator else {}))
         self.context = zmq.Context()  # the pipeline's own: `close` terminates it, which is what applies the linger
         self.socket = bind_publisher(config.publish, context=self.context, connect=publish_connect,
                                      linger_s=config.runtime.shutdown_deadline_s)
@@ -164,6 +166,8 @@ class Pipeline:
         """The shutdown deadline passed: end every wait (slots, credits, queues) so that no stage
         thread stays blocked; what is still in flight is lost, and the run exits non-zero."""
         self.stop()
+        if hasattr(self.engine, "interrupt"):  # triton: a batch still waiting for its server is lost now
+            self.engine.interrupt()
         self.pool.close()
         if self.credits is not None:
             self.credits.close()
@@ -253,6 +257,8 @@ class Pipeline:
             self.pinned = None
             if self.device_slots is not None:
                 self.device_slots.free()
+        else:
+            self.engine.close()  # also when the run never started (--check); engines close idempotently
 
     def snapshot(self) -> dict:
         summary = self.status.summary()
