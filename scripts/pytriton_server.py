@@ -63,6 +63,7 @@ class PyTritonServer:
         return None
 
     def start(self, timeout: float = 90.0) -> "PyTritonServer":
+        import select
         import subprocess
         import time
 
@@ -79,14 +80,33 @@ class PyTritonServer:
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if not select.select([self.process.stdout], [], [], 0.5)[0]:  # a hung start must not block past the deadline
+                if self.process.poll() is not None:
+                    break
+                continue
             line = self.process.stdout.readline()
             if line.startswith("ready"):
+                # keep reading its stdout into the log, or a full pipe would block the server one day
+                threading.Thread(target=_drain, args=(self.process.stdout, self.log), daemon=True).start()
                 return self
             if not line and self.process.poll() is not None:
                 break
         self.kill()
         tail = self.log.read_text(encoding="utf-8", errors="replace")[-1500:]
         raise RuntimeError(f"PyTriton server did not get ready within {timeout:.0f} s: {tail}")
+
+    def start_retrying(self, timeout: float = 90.0, attempts: int = 2) -> "PyTritonServer":
+        """`start`, once more if the first start hangs (seen once on a loaded 2-core machine: models never
+        reported ready); the second attempt's failure is raised."""
+        for attempt in range(attempts):
+            try:
+                return self.start(timeout)
+            except RuntimeError:
+                if attempt == attempts - 1:
+                    raise
+                with open(self.log, "a", encoding="utf-8") as log:
+                    log.write(f"--- start attempt {attempt + 1} timed out after {timeout:.0f} s; starting again\n")
+        return self
 
     def kill(self) -> None:
         """SIGKILL to the whole group: tritonserver, its Python backend stubs and the model process."""
@@ -117,6 +137,12 @@ class PyTritonServer:
         except subprocess.TimeoutExpired:
             pass
         self.kill()
+
+
+def _drain(stream, log: Path) -> None:
+    with open(log, "a", encoding="utf-8") as out:
+        for line in stream:
+            out.write(line)
 
 
 def read_model_config(path: Path):

@@ -1,0 +1,152 @@
+"""engine.kind triton against a real Triton Inference Server (PyTriton's bundled tritonserver, started
+here from .venv-triton) serving the repository `run.py export-triton` writes: the same detections as
+the onnxruntime engine, one-line errors when the server or model is missing, and a server killed
+mid-run and started again: the run recovers, counts every frame it lost and publishes none twice."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import pytest
+
+from conftest import MODEL, PERSON_CLIP, ROOT, Subscriber, cut_clip, free_port, make_config, run_and_collect, run_cli, \
+    start_cli
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from pytriton_server import PyTritonServer  # noqa: E402
+
+TOKEN = "test-token"  # PyTriton guards the shared-memory API with this header; the engine sends it from config
+HEADERS = {"triton-grpc-protocol-triton-access-token": TOKEN}
+MODEL_NAME = "yolox_nano"
+CLIP_FRAMES = 120  # the equality check: people walking through, in a time a slow machine affords
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory):
+    """What a user does first: export the demo config's model as a Triton model repository."""
+    tmp = tmp_path_factory.mktemp("triton-repo")
+    config, _ = make_config(tmp, [{"id": "cam1", "url": str(PERSON_CLIP)}], engine={"max_batch": 4, "lanes": 2})
+    result = run_cli("export-triton", "--config", str(config), "--out", str(tmp / "models"))
+    assert result.returncode == 0, result.stderr
+    assert f"model '{MODEL_NAME}'" in result.stdout
+    return tmp / "models"
+
+
+@pytest.fixture(scope="module")
+def server(repository, tmp_path_factory):
+    reason = PyTritonServer.unavailable()
+    if reason:
+        pytest.skip(f"no Triton test server: {reason}")
+    server = PyTritonServer(repository, MODEL_NAME, tmp_path_factory.mktemp("pytriton"), token=TOKEN)
+    server.start_retrying(timeout=90)
+    yield server
+    server.stop()
+
+
+def triton_engine(server, **triton) -> dict:
+    return {"kind": "triton", "max_batch": 4, "lanes": 2,
+            "triton": {"url": server.url, "headers": HEADERS, "shared_memory": "system", **triton}}
+
+
+def test_export_writes_a_repository_triton_understands(repository):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from pipeline.model import prepare_model
+
+    config = text_format.Parse((repository / MODEL_NAME / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert (config.name, config.backend, config.max_batch_size) == (MODEL_NAME, "onnxruntime", 4)
+    assert config.HasField("dynamic_batching")
+    assert [(g.count, model_config_pb2.ModelInstanceGroup.Kind.Name(g.kind)) for g in config.instance_group] == [(2, "KIND_CPU")]
+    (image,) = config.input
+    assert (image.name, model_config_pb2.DataType.Name(image.data_type), list(image.dims)) == \
+        ("images_u8", "TYPE_UINT8", [416, 416, 3])
+    assert [(o.name, list(o.dims)) for o in config.output] == [("output", [3549, 85])]
+    # the graph served is the prepared one: uint8 NHWC in, preprocessing inside
+    assert (repository / MODEL_NAME / "1" / "model.onnx").read_bytes() == prepare_model(MODEL, "yolox", 4).onnx_bytes
+
+
+def test_detections_equal_the_onnxruntime_engine(server, tmp_path):
+    clip = cut_clip(PERSON_CLIP, tmp_path / "people.mp4", 200, CLIP_FRAMES)
+    results = {}
+    for kind in ("onnxruntime", "triton"):
+        engine = triton_engine(server) if kind == "triton" else {"kind": "onnxruntime"}
+        path, config = make_config(tmp_path, [{"id": "cam1", "url": str(clip)}], name=f"{kind}.yaml", engine=engine,
+                                   publish={"wait_subscribers": 1, "wait_timeout_s": 20})
+        summary = tmp_path / f"{kind}.json"
+        code, messages, err = run_and_collect(path, config["publish"]["bind"], b"det/cam1/", "--summary-json", str(summary))
+        assert code == 0, err
+        assert messages[-1][1]["reason"] == "eof"
+        results[kind] = {m["frame"]: m["detections"] for _, m in messages if m["type"] == "detections"}
+        assert json.loads(summary.read_text())["stages"]["infer"]["drops"] == {}
+    assert "triton: model 'yolox_nano'" in err and "system shared memory" in err  # the zero-copy path ran
+    reference, served = results["onnxruntime"], results["triton"]
+    assert sorted(served) == sorted(reference) == list(range(CLIP_FRAMES))
+    boxes = 0
+    for frame in reference:
+        got, want = served[frame], reference[frame]
+        assert [d["class_id"] for d in got] == [d["class_id"] for d in want], f"frame {frame}"
+        for a, b in zip(got, want):  # the same model on the same frames: equal up to the float print
+            assert abs(a["score"] - b["score"]) <= 1e-4 and max(abs(x - y) for x, y in zip(a["box"], b["box"])) <= 0.02, \
+                f"frame {frame}: {a} != {b}"
+        boxes += len(want)
+    assert boxes > CLIP_FRAMES // 2  # people really were in the frames compared
+
+
+def test_server_or_model_missing_at_start_is_one_line_exit_2(server, tmp_path):
+    nobody = {"kind": "triton", "triton": {"url": f"127.0.0.1:{free_port()}", "connect_timeout_s": 2}}
+    path, _ = make_config(tmp_path, [{"id": "cam1", "url": str(PERSON_CLIP)}], name="down.yaml", engine=nobody)
+    result = run_cli("--config", str(path), "--check", timeout=120)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if "INFO" not in line]
+    assert len(lines) == 1 and lines[0].startswith("error: engine.triton.url: no Triton server answers at 127.0.0.1:"), \
+        result.stderr
+    wrong = triton_engine(server, model_name="no_such_model")
+    path, _ = make_config(tmp_path, [{"id": "cam1", "url": str(PERSON_CLIP)}], name="model.yaml", engine=wrong)
+    result = run_cli("--config", str(path), "--check", timeout=120)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if "INFO" not in line]
+    assert len(lines) == 1 and "engine.triton.model_name" in lines[0] and "'no_such_model'" in lines[0], result.stderr
+
+
+def test_server_killed_mid_run_recovers_and_counts_what_it_lost(server, tmp_path):
+    frames = 300
+    clip = cut_clip(PERSON_CLIP, tmp_path / "long.mp4", 200, frames)
+    # a batch is given up after 2 s of retries: the outage (a restart takes 10-20 s) costs some batches
+    engine = triton_engine(server, retry_s=2, backoff_base_s=0.1, backoff_cap_s=0.5, request_timeout_s=10)
+    path, config = make_config(tmp_path, [{"id": "cam1", "url": str(clip)}], engine=engine,
+                               publish={"wait_subscribers": 1, "wait_timeout_s": 20})
+    summary = tmp_path / "summary.json"
+    subscriber = Subscriber(config["publish"]["bind"], [b"det/cam1/"])
+    process = start_cli("--config", str(path), "--summary-json", str(summary))
+    try:
+        before = subscriber.collect(lambda ms: len(ms) >= 12, timeout=120)
+        assert len(before) >= 12, "no detections before the kill"
+        server.kill()
+        killed_at = len(subscriber.messages)
+        time.sleep(1.0)
+        server.start_retrying(timeout=90)
+        messages = subscriber.collect(lambda ms: ms[-1][1]["type"] == "end", timeout=240)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        subscriber.close()
+    assert process.returncode == 0, err
+    assert messages[-1][1]["type"] == "end"
+    detections = [m for _, m in messages if m["type"] == "detections"]
+    published = [m["frame"] for m in detections]
+    assert published == sorted(set(published)), "a frame published twice or out of order"
+    assert [m["seq"] for m in detections] == list(range(len(detections)))
+    stats = json.loads(summary.read_text())
+    lost = stats["stages"]["infer"]["drops"].get("engine_unavailable", 0)
+    assert stats["cameras"]["cam1"]["frames"] == frames and stats["cameras"]["cam1"]["end_reason"] == "eof"
+    assert lost > 0, f"the outage lost nothing: {stats['stages']['infer']}"
+    assert len(published) + lost == frames, f"{len(published)} published + {lost} counted lost != {frames} frames"
+    assert "not answering" in err and "answers again" in err and "registered" in err
+    # recovered: frames after the gap were inferred and published, people detected in them again
+    gap_end = max(i for i, (a, b) in enumerate(zip(published, published[1:])) if b - a > 1) + 1
+    after = detections[gap_end:]
+    assert gap_end >= killed_at - 1 and len(after) > 0
+    assert any(d["label"] == "person" for m in after for d in m["detections"])
