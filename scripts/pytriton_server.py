@@ -10,10 +10,10 @@ model name, batch size and dynamic batcher. Everything the pipeline does against
 
 It needs numpy<2 and Debian's Python, so it runs from its own virtualenv (scripts/triton_venv.sh):
 
-    .venv-triton/bin/python scripts/pytriton_server.py --repository DIR --model NAME \
+    .venv-triton/bin/python scripts/pytriton_server.py --repository DIR --model NAME [--model NAME2] \
         --grpc-port 8001 --http-port 8000 --metrics-port 8002 [--token TOKEN]
 
-It prints `ready` once the model is loaded and serves until SIGTERM/SIGINT. With --token the
+It prints `ready` once the models are loaded and serves until SIGTERM/SIGINT. With --token the
 shared-memory, repository and statistics APIs need the header `triton-access-token: TOKEN`
 (PyTriton's default protection; without --token a random token is made, which locks clients
 out of shared memory).
@@ -44,8 +44,9 @@ class PyTritonServer:
     """This script in a subprocess (its own process group), for tests and benchmarks: start it, kill it
     (the server and its model processes at once, as a crash would), start it again on the same ports."""
 
-    def __init__(self, repository: Path, model: str, workspace: Path, token: str | None = None):
-        self.repository, self.model, self.workspace, self.token = Path(repository), model, Path(workspace), token
+    def __init__(self, repository: Path, model: str | list[str], workspace: Path, token: str | None = None):
+        self.repository, self.workspace, self.token = Path(repository), Path(workspace), token
+        self.models = [model] if isinstance(model, str) else list(model)
         self.grpc_port, self.http_port, self.metrics_port = free_port(), free_port(), free_port()
         self.process = None
         self.log = self.workspace / "server.log"
@@ -70,8 +71,8 @@ class PyTritonServer:
         self.starts += 1
         workspace = self.workspace / f"run{self.starts}"  # a killed server leaves its workspace behind
         self.workspace.mkdir(parents=True, exist_ok=True)
-        args = [str(VENV_PYTHON), str(Path(__file__).resolve()), "--repository", str(self.repository), "--model", self.model,
-                "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port),
+        args = [str(VENV_PYTHON), str(Path(__file__).resolve()), "--repository", str(self.repository),
+                *(arg for name in self.models for arg in ("--model", name)), "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port),
                 "--metrics-port", str(self.metrics_port), "--workspace", str(workspace)]
         if self.token:
             args += ["--token", self.token]
@@ -155,7 +156,7 @@ def read_model_config(path: Path):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repository", required=True, type=Path)
-    parser.add_argument("--model", required=True)
+    parser.add_argument("--model", required=True, action="append", help="a model of the repository; repeat for several")
     parser.add_argument("--grpc-port", type=int, required=True)
     parser.add_argument("--http-port", type=int, required=True)
     parser.add_argument("--metrics-port", type=int, required=True)
@@ -168,12 +169,6 @@ def main() -> int:
     from pytriton.decorators import batch
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
     from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
-
-    folder = args.repository / args.model
-    config = read_model_config(folder / "config.pbtxt")
-    versions = sorted((p for p in folder.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
-    onnx_path = versions[-1] / (config.default_model_filename or "model.onnx")
-    instances = sum(group.count or 1 for group in config.instance_group) or 1
 
     def make_infer(session):
         output_names = [o.name for o in session.get_outputs()]
@@ -190,15 +185,25 @@ def main() -> int:
     options.intra_op_num_threads = 1  # one single-threaded session per instance, as the pipeline's lanes
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sessions = [ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"]) for _ in range(instances)]
     dtypes = {1: np.bool_, 2: np.uint8, 8: np.int32, 9: np.int64, 11: np.float32, 10: np.float16}
 
     def tensors(entries):
         return [Tensor(name=e.name, dtype=dtypes[e.data_type], shape=tuple(e.dims)) for e in entries]
 
-    batcher = DynamicBatcher(max_queue_delay_microseconds=config.dynamic_batching.max_queue_delay_microseconds)
-    model_config = ModelConfig(batching=config.max_batch_size > 0, max_batch_size=max(config.max_batch_size, 1),
-                               batcher=batcher)
+    def binding(name: str) -> dict:
+        """bind()'s arguments for one model of the repository."""
+        folder = args.repository / name
+        config = read_model_config(folder / "config.pbtxt")
+        versions = sorted((p for p in folder.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+        onnx_path = versions[-1] / (config.default_model_filename or "model.onnx")
+        instances = sum(group.count or 1 for group in config.instance_group) or 1
+        sessions = [ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"]) for _ in range(instances)]
+        batcher = DynamicBatcher(max_queue_delay_microseconds=config.dynamic_batching.max_queue_delay_microseconds)
+        model_config = ModelConfig(batching=config.max_batch_size > 0, max_batch_size=max(config.max_batch_size, 1),
+                                   batcher=batcher)
+        return dict(model_name=name, infer_func=[make_infer(s) for s in sessions], inputs=tensors(config.input),
+                    outputs=tensors(config.output), config=model_config, strict=False)
+
     triton_config = TritonConfig(grpc_port=args.grpc_port, http_port=args.http_port, metrics_port=args.metrics_port,
                                  grpc_address="127.0.0.1", http_address="127.0.0.1", metrics_address="127.0.0.1")
     security = TritonSecurityConfig(access_token=args.token) if args.token else None
@@ -207,8 +212,8 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     with triton:
-        triton.bind(model_name=args.model, infer_func=[make_infer(s) for s in sessions], inputs=tensors(config.input),
-                    outputs=tensors(config.output), config=model_config, strict=False)
+        for name in args.model:
+            triton.bind(**binding(name))
         triton.run()
         print("ready", flush=True)
         while not stop.wait(0.5) and triton.is_alive():
