@@ -34,6 +34,7 @@ log = logging.getLogger("pipeline")
 _TRANSIENT = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.CANCELLED",
               "StatusCode.RESOURCE_EXHAUSTED", "StatusCode.ABORTED"}
 _LOOPBACK = ("127.", "localhost:", "[::1]:")
+_KEEP_MAPPED: list[shared_memory.SharedMemory] = []  # unlinked regions, still mapped (see _release_regions)
 
 
 class EngineError(PipelineError):
@@ -225,7 +226,7 @@ class TritonEngine(Engine):
         except BaseException:
             with self._lock:
                 self._regions.pop(region.name, None)
-            memory.close()
+            memory.close()  # nothing views it yet
             memory.unlink()
             raise
         return region
@@ -380,11 +381,11 @@ class TritonEngine(Engine):
                     client.unregister_system_shared_memory(region.name, headers=self.headers, client_timeout=1.0)
                 except self._error_type:
                     pass  # the server is gone: it has nothing mapped any more
-            region.memory.unlink()
-            try:
-                region.memory.close()
-            except BufferError:
-                pass  # a host slot's array still views it; the mapping goes with the array
+            region.memory.unlink()  # the name goes now; the mapping stays (below)
+            # never unmapped while the process runs: numpy arrays (host slots, a lane's outputs being
+            # copied) view it, and closing a SharedMemory under a live view does not fail, it segfaults
+            # at the next access
+            _KEEP_MAPPED.append(region.memory)
         for lane in self._all_lanes:
             lane.outputs, lane.staging = [], None
 
