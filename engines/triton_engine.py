@@ -272,7 +272,7 @@ class TritonEngine(Engine):
         finally:
             self._lanes.put(lane)
 
-    def _request(self, lane: _Lane, images: np.ndarray) -> list[np.ndarray]:
+    def _request(self, lane: _Lane, images: np.ndarray, timeout: float) -> list[np.ndarray]:
         grpc = self._grpc
         n = len(images)
         request_input = grpc.InferInput(self._input_name, list(images.shape), "UINT8")
@@ -288,7 +288,7 @@ class TritonEngine(Engine):
         else:
             request_input.set_data_from_numpy(np.ascontiguousarray(images))
         result = lane.client.infer(self.model_name, [request_input], model_version=self.version, outputs=requested,
-                                   headers=self.headers, client_timeout=self.config.request_timeout_s)
+                                   headers=self.headers, client_timeout=timeout)
         if not self.shared_memory:
             return [result.as_numpy(spec.name) for spec in self.outputs]
         outputs = []
@@ -312,12 +312,17 @@ class TritonEngine(Engine):
         config = self.config
         first_failure = None
         delay = config.backoff_base_s
+        timeout = config.request_timeout_s
         while True:
             if self._closed.is_set():
                 raise BatchLost(f"triton: engine closed with the server at {config.url} away")
             try:
-                outputs = self._request(lane, images)
+                outputs = self._request(lane, images, timeout)
             except self._error_type as exc:
+                if exc.status() == "StatusCode.DEADLINE_EXCEEDED":
+                    # a slow server still works through the requests given up on: retrying with the same
+                    # timeout would only add to its queue, so each retry of this batch waits twice as long
+                    timeout = min(timeout * 2, config.retry_s)
                 if not self._should_retry(lane, exc):
                     raise BatchRefused(f"triton: {self.model_name} at {config.url} refused a batch of "
                                                 f"{len(images)}: {_reason(exc)}") from None

@@ -117,12 +117,27 @@ class PyTritonServer:
         if self.process is None:
             return
         try:
-            os.killpg(self.process.pid, signal.SIGKILL)
+            os.killpg(self.process.pid, signal.SIGKILL)  # SIGKILL ends stopped processes too
         except ProcessLookupError:
             pass
         self.process.wait(10)
         self.process.stdout.close()
         self.process = None
+
+    def freeze(self) -> None:
+        """SIGSTOP to the whole group: a server that hangs (its connections stay open, nothing answers)."""
+        import os
+        import signal
+
+        if self.process is not None:
+            os.killpg(self.process.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        import os
+        import signal
+
+        if self.process is not None:
+            os.killpg(self.process.pid, signal.SIGCONT)
 
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM, as an operator stops it; SIGKILL after `timeout`."""
