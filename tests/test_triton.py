@@ -50,6 +50,24 @@ def triton_engine(server, **triton) -> dict:
             "triton": {"url": server.url, "headers": HEADERS, "shared_memory": "system", **triton}}
 
 
+@pytest.mark.parametrize("triton, expected", [
+    ({"url": "grpc://127.0.0.1:8001"}, "engine.triton.url: Value error, expected the server's gRPC endpoint as HOST:PORT"),
+    ({"url": "127.0.0.1:70000"}, "engine.triton.url: Value error, expected the server's gRPC endpoint as HOST:PORT"),
+    ({"headers": {"Authorization": "x"}}, "engine.triton.headers.Authorization.[key]: String should match pattern"),
+    ({"backoff_base_s": 9, "backoff_cap_s": 1}, "engine.triton: Value error, backoff_base_s (9.0) is above backoff_cap_s"),
+    ({"shared_memory": "cuda"}, "engine.triton.shared_memory: Input should be 'auto', 'system' or 'none'"),
+    ({"retries": 3}, "engine.triton.retries: unknown key"),
+])
+def test_config_mistakes_are_one_line(tmp_path, triton, expected):
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
+
+    path, _ = make_config(tmp_path, [{"id": "cam1", "url": str(PERSON_CLIP)}], engine={"kind": "triton", "triton": triton})
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert str(error.value).startswith(f"{path}: {expected}"), str(error.value)
+
+
 def test_export_writes_a_repository_triton_understands(repository):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
