@@ -184,7 +184,7 @@ class TritonEngine(Engine):
         if self.shared_memory:
             try:
                 self._make_lane_regions()
-            except InferenceServerException as exc:
+            except (InferenceServerException, OSError) as exc:  # refused by the server, or no /dev/shm here
                 self._release_regions()
                 if config.shared_memory == "system":
                     self.close()

@@ -59,8 +59,8 @@ class PyTritonServer:
     @staticmethod
     def unavailable() -> str | None:
         """Why the server cannot run here (None when it can)."""
-        if not VENV_PYTHON.exists():
-            return f"{VENV_PYTHON.relative_to(ROOT)} is missing (bash scripts/triton_venv.sh makes it)"
+        if not VENV_PYTHON.exists() or not any(VENV_PYTHON.parent.parent.glob(".installed-*")):
+            return f"{VENV_PYTHON.parent.parent.relative_to(ROOT)} is missing or incomplete (bash scripts/triton_venv.sh makes it)"
         return None
 
     def start(self, timeout: float = 90.0) -> "PyTritonServer":
