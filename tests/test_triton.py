@@ -102,15 +102,11 @@ def test_detections_equal_the_onnxruntime_engine(server, tmp_path):
     assert "triton: model 'yolox_nano'" in err and "system shared memory" in err  # the zero-copy path ran
     reference, served = results["onnxruntime"], results["triton"]
     assert sorted(served) == sorted(reference) == list(range(CLIP_FRAMES))
-    boxes = 0
-    for frame in reference:
-        got, want = served[frame], reference[frame]
-        assert [d["class_id"] for d in got] == [d["class_id"] for d in want], f"frame {frame}"
-        for a, b in zip(got, want):  # the same model on the same frames: equal up to the float print
-            assert abs(a["score"] - b["score"]) <= 1e-4 and max(abs(x - y) for x, y in zip(a["box"], b["box"])) <= 0.02, \
-                f"frame {frame}: {a} != {b}"
-        boxes += len(want)
-    assert boxes > CLIP_FRAMES // 2  # people really were in the frames compared
+    # the same graph in the same ONNX Runtime build, one thread a call on both sides (its outputs do not
+    # depend on the batch an image is in): identical detections, not merely close ones
+    differ = [frame for frame in reference if served[frame] != reference[frame]]
+    assert not differ, f"frame {differ[0]}: {served[differ[0]]} != {reference[differ[0]]} ({len(differ)} frames differ)"
+    assert sum(len(d) for d in reference.values()) > CLIP_FRAMES // 2  # people really were in the frames compared
 
 
 def test_server_or_model_missing_at_start_is_one_line_exit_2(server, tmp_path):
