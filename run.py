@@ -128,6 +128,26 @@ def cmd_export_triton(args) -> int:
     print(f"{folder}: model {name!r} (onnxruntime backend, uint8 [N, {model.input_hw[0]}, {model.input_hw[1]}, 3] "
           f"input, batch <= {config.engine.max_batch if model.batch_dynamic else 1}); serve it with: "
           f"tritonserver --model-repository {os.path.abspath(args.out)}")
+    if args.tensorrt:  # the same model as a TensorRT plan, built here by the tensorrt engine
+        from engines.tensorrt_engine import TensorRTEngine, import_tensorrt
+        from pipeline.errors import UsageError
+
+        try:
+            import_tensorrt()
+        except PipelineError:
+            raise UsageError("export-triton --tensorrt: TensorRT is not installed here (the onnxruntime model was "
+                             "written); build the plan where TensorRT and the server's GPU are") from None
+        engine_config = config.engine
+        engine = TensorRTEngine(model, engine_config.max_batch, 1, fp16=engine_config.fp16,
+                                workspace_mb=engine_config.workspace_mb, cache_dir=engine_config.plan_cache_dir,
+                                plugins=engine_config.plugins, min_batch=engine_config.min_batch,
+                                opt_batch=engine_config.opt_batch, device=engine_config.device)
+        plan = engine.plan_path.read_bytes()
+        engine.close()
+        folder = write_repository(model, args.out, f"{name}_tensorrt", engine_config.max_batch,
+                                  args.instances or engine_config.lanes, args.queue_delay_us, "KIND_GPU", plan=plan)
+        print(f"{folder}: model '{name}_tensorrt' (tensorrt backend, {'fp16' if engine_config.fp16 else 'fp32'}, "
+              f"TensorRT {engine.trt.__version__}: the server's TensorRT must be this version)")
     return 0
 
 
@@ -248,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--name", help="model name on the server (default: engine.triton.model_name, else model.path's stem)")
     export.add_argument("--instances", type=_number(int, 1, 256), help="model instances (default: engine.lanes)")
     export.add_argument("--gpu", action="store_true", help="instances on the GPU (KIND_GPU); default: CPU")
+    export.add_argument("--tensorrt", action="store_true",
+                        help="also a TensorRT plan variant, NAME_tensorrt (needs TensorRT and a GPU here; engine.fp16 etc. apply)")
     export.add_argument("--queue-delay-us", type=_number(int, 0, 10_000_000), default=1000,
                         help="dynamic batcher's max queue delay in microseconds (default: %(default)s)")
     export.add_argument("--log-level", choices=["debug", "info", "warning", "error"])

@@ -86,6 +86,42 @@ def test_export_writes_a_repository_triton_understands(repository):
     assert (repository / MODEL_NAME / "1" / "model.onnx").read_bytes() == prepare_model(MODEL, "yolox", 4).onnx_bytes
 
 
+def _tensorrt_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt") is not None
+
+
+@pytest.mark.skipif(_tensorrt_installed(), reason="TensorRT is installed: the plan variant is built instead")
+def test_tensorrt_variant_without_tensorrt_is_one_line_exit_2(tmp_path):
+    config, _ = make_config(tmp_path, [{"id": "cam1", "url": str(PERSON_CLIP)}])
+    result = run_cli("export-triton", "--config", str(config), "--out", str(tmp_path / "models"), "--tensorrt")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: export-triton --tensorrt: TensorRT is not installed")
+    assert (tmp_path / "models" / MODEL_NAME / "1" / "model.onnx").is_file()  # the onnxruntime model is there
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+@pytest.mark.skipif(not _tensorrt_installed(), reason="TensorRT is not installed")
+def test_tensorrt_variant_is_a_plan_for_the_tensorrt_backend(tmp_path):
+    import tensorrt as trt
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    config, _ = make_config(tmp_path, [{"id": "cam1", "url": str(PERSON_CLIP)}],
+                            engine={"fp16": True, "plan_cache_dir": str(tmp_path / "plans")})
+    result = run_cli("export-triton", "--config", str(config), "--out", str(tmp_path / "models"), "--tensorrt", timeout=900)
+    assert result.returncode == 0, result.stderr
+    folder = tmp_path / "models" / f"{MODEL_NAME}_tensorrt"
+    parsed = text_format.Parse((folder / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert (parsed.backend, parsed.max_batch_size) == ("tensorrt", 4)
+    assert [model_config_pb2.ModelInstanceGroup.Kind.Name(g.kind) for g in parsed.instance_group] == ["KIND_GPU"]
+    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine((folder / "1" / "model.plan").read_bytes())
+    assert engine is not None and engine.num_optimization_profiles == 1
+    assert tuple(engine.get_tensor_profile_shape("images_u8", 0)[2]) == (4, 416, 416, 3)
+
+
 def test_detections_equal_the_onnxruntime_engine(server, tmp_path):
     clip = cut_clip(PERSON_CLIP, tmp_path / "people.mp4", 200, CLIP_FRAMES)
     results = {}
