@@ -1,7 +1,8 @@
 """engine.kind triton against a real Triton Inference Server (PyTriton's bundled tritonserver, started
 here from .venv-triton) serving the repository `run.py export-triton` writes: the same detections as
-the onnxruntime engine, one-line errors when the server or model is missing, and a server killed
-mid-run and started again: the run recovers, counts every frame it lost and publishes none twice."""
+the onnxruntime engine, one-line errors when the server or model is missing, a server killed mid-run
+and started again (the run recovers, counts every frame it lost and publishes none twice), a server
+that hangs (requests time out; a live camera keeps its newest frames meanwhile)."""
 
 from __future__ import annotations
 
