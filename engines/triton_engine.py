@@ -14,8 +14,10 @@ gets exactly one result or none, so nothing is published twice.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import random
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -218,8 +220,10 @@ class TritonEngine(Engine):
     def _new_region(self, size: int) -> _Region:
         with self._lock:
             self._region_count += 1
-            memory = shared_memory.SharedMemory(create=True, size=size)
-            region = _Region(f"vapipe_{memory.name}_{self._region_count}", memory)
+            # named for the project and this process, so that it is told apart in /dev/shm (and the server's list)
+            name = f"vapipe_{os.getpid()}_{secrets.token_hex(4)}_{self._region_count}"
+            memory = shared_memory.SharedMemory(name=name, create=True, size=size)
+            region = _Region(name, memory)
             self._regions[region.name] = region
         try:
             self._register(self._all_lanes[0].client, region)
