@@ -4,6 +4,7 @@
     python run.py --config configs/demo.yaml          run the pipeline
     python run.py subscribe --camera demo             print the detections a camera publishes
     python run.py view --camera demo                  watch a camera: preview frames with detections drawn
+    python run.py export-triton --config X --out DIR  write a Triton model repository for engine.kind triton
 
 Exit codes: 0 done; 1 the run failed after it started; 2 something to fix before it can run (the
 config, the model, a video, an argument, the endpoint); 130 a second Ctrl-C (stopped at once).
@@ -135,6 +136,46 @@ def cmd_run(args) -> int:
         return 1
     if not drained:  # logged by Pipeline.wait, naming the stages still running
         return 1
+    return 0
+
+
+def cmd_export_triton(args) -> int:
+    """Write a Triton model repository serving exactly what engine.kind triton sends and expects."""
+    from engines.triton_engine import import_tritonclient
+    from engines.triton_repository import default_model_name, write_repository
+    from pipeline.config import load_config
+    from pipeline.model import prepare_model
+
+    _setup_logging(args.log_level or "info")
+    config = load_config(args.config)
+    import_tritonclient()  # the repository's config.pbtxt is Triton's own protobuf, from tritonclient
+    model = prepare_model(config.model.path, config.model.preset, config.engine.max_batch)
+    name = args.name or config.engine.triton.model_name or default_model_name(config.model.path)
+    folder = write_repository(model, args.out, name, config.engine.max_batch, args.instances or config.engine.lanes,
+                              args.queue_delay_us, "KIND_GPU" if args.gpu else "KIND_CPU")
+    print(f"{folder}: model {name!r} (onnxruntime backend, uint8 [N, {model.input_hw[0]}, {model.input_hw[1]}, 3] "
+          f"input, batch <= {config.engine.max_batch if model.batch_dynamic else 1}); serve it with: "
+          f"tritonserver --model-repository {os.path.abspath(args.out)}")
+    if args.tensorrt:  # the same model as a TensorRT plan, built here by the tensorrt engine
+        from engines.tensorrt_engine import TensorRTEngine, import_tensorrt
+        from pipeline.errors import UsageError
+
+        try:
+            import_tensorrt()
+        except PipelineError:
+            raise UsageError("export-triton --tensorrt: TensorRT is not installed here (the onnxruntime model was "
+                             "written); build the plan where TensorRT and the server's GPU are") from None
+        engine_config = config.engine
+        engine = TensorRTEngine(model, engine_config.max_batch, 1, fp16=engine_config.fp16,
+                                workspace_mb=engine_config.workspace_mb, cache_dir=engine_config.plan_cache_dir,
+                                plugins=engine_config.plugins, min_batch=engine_config.min_batch,
+                                opt_batch=engine_config.opt_batch, device=engine_config.device)
+        plan = engine.plan_path.read_bytes()
+        engine.close()
+        folder = write_repository(model, args.out, f"{name}_tensorrt", engine_config.max_batch,
+                                  args.instances or engine_config.lanes, args.queue_delay_us, "KIND_GPU", plan=plan)
+        print(f"{folder}: model '{name}_tensorrt' (tensorrt backend, {'fp16' if engine_config.fp16 else 'fp32'}, "
+              f"TensorRT {engine.trt.__version__}: the server's TensorRT must be this version)")
     return 0
 
 
@@ -290,6 +331,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--publish-connect", metavar="ENDPOINT", help=argparse.SUPPRESS)
     run.add_argument("--control", metavar="ENDPOINT", help=argparse.SUPPRESS)  # a worker's control socket
     run.set_defaults(func=cmd_run)
+
+    export = commands.add_parser("export-triton", help="write a Triton model repository for the config's model")
+    export.add_argument("--config", required=True, help="YAML configuration file: model.* and engine.max_batch/lanes")
+    export.add_argument("--out", required=True, metavar="DIR", help="the model repository folder (created if missing)")
+    export.add_argument("--name", help="model name on the server (default: engine.triton.model_name, else model.path's stem)")
+    export.add_argument("--instances", type=_number(int, 1, 256), help="model instances (default: engine.lanes)")
+    export.add_argument("--gpu", action="store_true", help="instances on the GPU (KIND_GPU); default: CPU")
+    export.add_argument("--tensorrt", action="store_true",
+                        help="also a TensorRT plan variant, NAME_tensorrt (needs TensorRT and a GPU here; engine.fp16 etc. apply)")
+    export.add_argument("--queue-delay-us", type=_number(int, 0, 10_000_000), default=1000,
+                        help="dynamic batcher's max queue delay in microseconds (default: %(default)s)")
+    export.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    export.set_defaults(func=cmd_export_triton)
 
     sub = commands.add_parser("subscribe", help="print the messages one or more cameras publish")
     sub.add_argument("--connect", default="tcp://127.0.0.1:5555", help="publisher endpoint (default: %(default)s)")

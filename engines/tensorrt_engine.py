@@ -109,6 +109,7 @@ class TensorRTEngine(DeviceEngine):
                        batch_range, lanes, self.hw_range)
         cache_dir = Path(cache_dir)
         plan_path = cache_dir / f"{key}.plan"
+        self.plan_path = plan_path  # run.py export-triton --tensorrt copies it into a Triton repository
         if plan_path.is_file():
             log.info("tensorrt: loading cached plan %s", plan_path.name)
             plan = plan_path.read_bytes()

@@ -172,8 +172,44 @@ class ModelConfig(_Strict):
     letterbox: Literal["rect", "square"] = "rect"
 
 
+class TritonConfig(_Strict):
+    """engine.kind triton: a Triton Inference Server runs the model (engines/triton_engine.py)."""
+
+    url: Annotated[str, Field(max_length=256)] = "127.0.0.1:8001"  # the server's gRPC endpoint, HOST:PORT
+    model_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=128)] | None = None  # default: model.path's stem
+    model_version: Annotated[str, Field(pattern=r"^[0-9]*$", max_length=19)] = ""  # "" = the server's version policy
+    connect_timeout_s: Seconds = 5.0  # the checks at start (server live, model ready, metadata)
+    request_timeout_s: Seconds = 10.0  # one inference request; past it the request is retried
+    retry_s: Seconds = 30.0  # how long one batch is retried while the server is away; then it is lost (counted)
+    backoff_base_s: Seconds = 0.2
+    backoff_cap_s: Seconds = 5.0
+    # system: batches reach a local server through POSIX shared memory registered once per host slot
+    # and lane (no copy in the request); auto = system when the url is a loopback address
+    shared_memory: Literal["auto", "system", "none"] = "auto"
+    ssl: bool = False
+    root_certificates: Path | None = None  # PEM files for TLS (ssl: true)
+    private_key: Path | None = None
+    certificate_chain: Path | None = None
+    # sent with every call (gRPC metadata keys are lowercase), e.g. authorization: "Bearer ${TOKEN}"; never logged
+    headers: dict[Annotated[str, Field(pattern=r"^[a-z0-9_.-]+$", max_length=128)], str] = {}
+
+    @field_validator("url")
+    @classmethod
+    def _host_port(cls, url: str) -> str:
+        host, _, port = url.rpartition(":")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]", host) or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("expected the server's gRPC endpoint as HOST:PORT, without a scheme (e.g. 127.0.0.1:8001)")
+        return url
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> "TritonConfig":
+        if self.backoff_base_s > self.backoff_cap_s:
+            raise ValueError(f"backoff_base_s ({self.backoff_base_s}) is above backoff_cap_s ({self.backoff_cap_s})")
+        return self
+
+
 class EngineConfig(_Strict):
-    kind: Literal["onnxruntime", "torch", "tensorrt"] = "onnxruntime"
+    kind: Literal["onnxruntime", "torch", "tensorrt", "triton"] = "onnxruntime"
     # ONNX Runtime threads per lane; lanes x intra_op_threads ~ cores (0 = ONNX Runtime's default: all cores)
     intra_op_threads: Threads = 1
     inter_op_threads: Threads = 1
@@ -196,6 +232,7 @@ class EngineConfig(_Strict):
     plugins: list[Path] = []
     min_batch: Annotated[int, Field(ge=1, le=MAX_BATCH)] = 1
     opt_batch: Annotated[int, Field(ge=1, le=MAX_BATCH)] | None = None
+    triton: TritonConfig = TritonConfig()  # triton only
 
     @property
     def on_gpu(self) -> bool:
@@ -484,6 +521,12 @@ def _resolve_paths(data: dict, base: Path) -> None:
             value = keys.get(key)
             if isinstance(value, str) and value and not os.path.isabs(value):
                 keys[key] = str((base / value).resolve())
+    triton = (data.get("engine") or {}).get("triton") if isinstance(data.get("engine"), dict) else None
+    if isinstance(triton, dict):  # TLS files, like the model, from the config's folder
+        for key in ("root_certificates", "private_key", "certificate_chain"):
+            value = triton.get(key)
+            if isinstance(value, str) and value and not os.path.isabs(value):
+                triton[key] = str((base / value).resolve())
     for camera in data.get("cameras") or []:
         if isinstance(camera, dict):
             url = camera.get("url")

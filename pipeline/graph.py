@@ -79,13 +79,19 @@ class Pipeline:
             CurveServer.check(config.publish.keys)  # so are missing keys
         require_engine(config.engine.kind)
         names = read_labels(config.model.labels)
-        model = prepare_model(config.model.path, config.model.preset, config.engine.max_batch, config.model.letterbox)
+        letterbox = config.model.letterbox
+        if config.engine.kind == "triton" and letterbox == "rect":
+            # the served model is the one export-triton writes: a fixed square input
+            log.info("engine triton: letterbox square (the model on the server has a fixed input size)")
+            letterbox = "square"
+        model = prepare_model(config.model.path, config.model.preset, config.engine.max_batch, letterbox)
         self.labels = labels_for(names, model.num_classes, config.model.labels)
         check_classes(config.model.classes, model.num_classes)
         self.shape_of = InputShapes(model)
         # the file cameras' shapes, most common first: GPU engines prepare them at start
         counts = collections.Counter(self.shape_of.for_size(size) for size in sizes.values())
-        self.engine = create_engine(config.engine, model, [shape for shape, _ in counts.most_common()] or None)
+        self.engine = create_engine(config.engine, model, [shape for shape, _ in counts.most_common()] or None,
+                                    model_path=config.model.path)
         self.model = model
         size = config.runtime.queue_size
         h, w = model.input_hw
@@ -105,7 +111,9 @@ class Pipeline:
                 self.pool = HostSlotPool(slots, (self.engine.max_batch, h, w, 3), allocator=self.pinned)
             self.lanes = LaneSet(self.engine, config.engine.lanes)
         else:
-            self.pool = HostSlotPool(slots, (self.engine.max_batch, h, w, 3))
+            # an engine may bring its own host memory (triton: shared memory its server reads in place)
+            allocator = getattr(self.engine, "host_allocator", None)
+            self.pool = HostSlotPool(slots, (self.engine.max_batch, h, w, 3), **({"allocator": allocator} if allocator else {}))
         self.context = zmq.Context()  # the pipeline's own: `close` terminates it, which is what applies the linger
         self.curve = None
         if config.publish.keys is not None and publish_connect is None:  # a worker's proxy holds the keys
@@ -284,6 +292,8 @@ class Pipeline:
         """The shutdown deadline passed: end every wait (slots, credits, queues) so that no stage
         thread stays blocked; what is still in flight is lost, and the run exits non-zero."""
         self.stop()
+        if hasattr(self.engine, "interrupt"):  # triton: a batch still waiting for its server is lost now
+            self.engine.interrupt()
         self.pool.close()
         if self.credits is not None:
             self.credits.close()
@@ -380,6 +390,8 @@ class Pipeline:
             self.pinned = None
             if self.device_slots is not None:
                 self.device_slots.free()
+        else:
+            self.engine.close()  # also when the run never started (--check); engines close idempotently
 
     def snapshot(self) -> dict:
         summary = self.status.summary()

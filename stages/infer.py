@@ -103,7 +103,8 @@ class InferStage(Stage):
             try:
                 outputs, release, seconds = self._wait(batch, pending)
             except Exception as exc:  # one failed batch is dropped and counted, like any bad item
-                self.metrics.drop("error", len(batch))
+                # an engine may name the reason (triton: engine_unavailable, a batch the server never answered)
+                self.metrics.drop(getattr(exc, "drop_reason", "error"), len(batch))
                 self._log_item_error(exc)
                 self.discard(batch)
                 continue
