@@ -50,7 +50,7 @@ log = logging.getLogger("pipeline")
 
 # 1.1: `track_id` and `track_age_s` on tracked detections, `analytics` (zone and line counts); both
 # only present when tracking is on, so a 1.0 reader reads 1.1 messages unchanged
-SCHEMA = "vapipe.detections/1.1"
+SCHEMA = "vapipe.detections/1.2"
 PREVIEW_SCHEMA = "vapipe.preview/1"
 EVENTS_SCHEMA = "vapipe.events/1"
 

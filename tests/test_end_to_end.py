@@ -35,7 +35,7 @@ def test_every_frame_arrives_in_order(demo_run):
     assert [m["frame"] for m in detections] == list(range(CLIP_FRAMES))
     assert [m["seq"] for m in detections] == list(range(CLIP_FRAMES))
     first = detections[0]
-    assert first["schema"] == "vapipe.detections/1.1" and first["camera"] == "cam1"
+    assert first["schema"] == "vapipe.detections/1.2" and first["camera"] == "cam1"
     assert all("track_id" not in d for m in detections for d in m["detections"])  # tracking is off by default
     assert "analytics" not in first and "track" not in first["latency_ms"]
     assert (first["width"], first["height"]) == (768, 432)

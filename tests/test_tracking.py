@@ -181,7 +181,7 @@ def test_per_camera_override_and_the_message_fields():
     frame = Frame("a", 0, 0.0, 0.0, None, (640, 480), detections=dets((10, 10, 50, 110, 0.9), (300, 10, 340, 110, 0.2)))
     cameras["a"].process(frame)
     message = to_message(frame, ["person"], 0)
-    assert message["schema"] == SCHEMA == "vapipe.detections/1.1"
+    assert message["schema"] == SCHEMA == "vapipe.detections/1.2"
     first, second = message["detections"]
     assert first["track_id"] == 1 and first["track_age_s"] == 0.0
     assert "track_id" not in second  # untracked detections stay, without the fields

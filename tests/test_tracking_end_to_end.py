@@ -55,7 +55,7 @@ def test_every_frame_arrives_with_schema_1_1_and_track_latency(tracked_run):
     assert returncode == 0, err[-2000:]
     detections = [m for t, m in messages if t == b"det/cam1/" and m["type"] == "detections"]
     assert [m["frame"] for m in detections] == list(range(FRAMES))
-    assert detections[0]["schema"] == "vapipe.detections/1.1"
+    assert detections[0]["schema"] == "vapipe.detections/1.2"
     assert "track" in detections[0]["latency_ms"]
 
 
