@@ -33,44 +33,84 @@ TRACKED, LOST, NEW = 0, 1, 2
 POS, VEL, PP, PV, VV = range(5)
 _DT_WINDOW = 31  # the camera's frame interval is the median of this many recent intervals
 _WP, _WV = 1.0 / 20, 1.0 / 160  # ByteTrack's position and velocity noise weights (relative to height)
-# the aspect ratio (third coordinate) has fixed noise in ByteTrack; x, y and height scale with height
-_MASK_POS = np.array([1.0, 1.0, 0.0, 1.0])
+# the aspect ratio (third coordinate) has fixed noise in ByteTrack; x, y and height scale with height.
+# Column vectors: every per-track array here is coordinate-major, [4, tracks] (see _clear)
+_MASK_POS = np.array([1.0, 1.0, 0.0, 1.0])[:, None]
 _FIXED_POS = 1.0 - _MASK_POS
+_Q_SCALE = np.stack((_WP * _MASK_POS, _WV * _MASK_POS))  # one frame's noise, position and velocity: [2, 4, 1]
+_Q_FIXED = np.stack((_FIXED_POS * 1e-2, _FIXED_POS * 1e-5))
+_R_FIXED = _FIXED_POS * 1e-1
+_SIGN = np.array([-1.0, -1.0, 1.0, 1.0])[:, None]  # boxes as (-x1, -y1, x2, y2): see _iou
+_NO_MATCH = 2.0  # a cost above every threshold: the pair cannot match
 
 
 def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU of every box in `a` [n, 4] with every box in `b` [m, 4] (x1, y1, x2, y2)."""
-    iw = np.minimum.outer(a[:, 2], b[:, 2]) - np.maximum.outer(a[:, 0], b[:, 0])
-    ih = np.minimum.outer(a[:, 3], b[:, 3]) - np.maximum.outer(a[:, 1], b[:, 1])
-    inter = np.maximum(iw, 0) * np.maximum(ih, 0)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    return inter / np.maximum(np.add.outer(area_a, area_b) - inter, 1e-9)
+    a, b = np.asarray(a, np.float64).T, np.asarray(b, np.float64).T
+    return _iou(a * _SIGN, b * _SIGN)
+
+
+def _sizes(signed: np.ndarray) -> np.ndarray:
+    """Width and height [2, n] of boxes given as (-x1, -y1, x2, y2) [4, n]."""
+    return signed[2:] + signed[:2]
+
+
+def _iou(signed_a: np.ndarray, signed_b: np.ndarray) -> np.ndarray:
+    """IoU [n, m] of boxes given coordinate-major as (-x1, -y1, x2, y2), [4, n] and [4, m].
+
+    Negating x1 and y1 turns both ends of the overlap into minima, so one np.minimum over [4, n, m]
+    gives (-max x1, -max y1, min x2, min y2) and the overlap is its last two rows plus its first two
+    (the same numbers as min x2 - max x1, in fewer calls: each numpy call costs more than its arithmetic here).
+    """
+    corner = np.minimum(signed_a[:, :, None], signed_b[:, None, :])
+    overlap = corner[2:] + corner[:2]
+    np.maximum(overlap, 0, out=overlap)
+    inter = overlap[0] * overlap[1]
+    size_a, size_b = _sizes(signed_a), _sizes(signed_b)
+    union = (size_a[0] * size_a[1])[:, None] + size_b[0] * size_b[1] - inter
+    return inter / np.maximum(union, 1e-9)
 
 
 def _xyah(xyxy: np.ndarray) -> np.ndarray:
-    w = xyxy[:, 2] - xyxy[:, 0]
-    h = np.maximum(xyxy[:, 3] - xyxy[:, 1], 1e-3)
-    return np.stack(((xyxy[:, 0] + xyxy[:, 2]) / 2, (xyxy[:, 1] + xyxy[:, 3]) / 2, w / h, h), axis=1)
+    """Boxes [4, n] (x1, y1, x2, y2) as Kalman measurements [4, n]: centre x, y, aspect w/h, height."""
+    z = np.empty_like(xyxy)
+    z[:2] = (xyxy[:2] + xyxy[2:]) / 2
+    wh = xyxy[2:] - xyxy[:2]
+    z[3] = np.maximum(wh[1], 1e-3)
+    z[2] = wh[0] / z[3]
+    return z
 
 
-def _xyxy(xyah: np.ndarray) -> np.ndarray:
-    w = xyah[:, 2] * xyah[:, 3]
-    half = np.stack((w, xyah[:, 3]), axis=1) / 2
-    return np.concatenate((xyah[:, :2] - half, xyah[:, :2] + half), axis=1)
+def _signed_boxes(xyah: np.ndarray) -> np.ndarray:
+    """Kalman positions [4, n] as boxes (-x1, -y1, x2, y2) [4, n]."""
+    half = xyah[2:].copy()
+    half[0] *= xyah[3]  # width = aspect x height
+    half /= 2
+    centre = xyah[:2]
+    return np.concatenate((half - centre, centre + half))
 
 
 def _match(cost: np.ndarray, thresh: float) -> tuple[np.ndarray, np.ndarray]:
-    """Minimum-cost assignment of pairs with cost <= thresh: (rows, cols).
+    """Minimum-cost assignment of pairs with cost <= thresh: (rows, cols), rows ascending.
 
-    Costs above `thresh` are clipped to just above it, so every pair that cannot match costs the same
-    as leaving its two ends unmatched: the solver then never moves a good match to lower the cost of
-    pairs that are dropped anyway (ByteTrack's `lap.lapjv(cost_limit=thresh)` semantics, with scipy).
+    Costs above `thresh` count as just above it, so every pair that cannot match costs the same as
+    leaving its two ends unmatched: the solver then never moves a good match to lower the cost of
+    pairs that are dropped anyway (ByteTrack's `lap.lapjv(cost_limit=thresh)` semantics). The total
+    is then at least the sum of each row's best cost below that limit, so when those rows all want
+    different columns, each taking its best is the optimum (the usual frame: objects apart); only a
+    conflict needs scipy's solver. A row or column priced at _NO_MATCH everywhere takes no part.
     """
-    if cost.size == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    cost = np.minimum(cost, thresh + 1e-4)
-    rows, cols = linear_sum_assignment(cost)
+    limit = thresh + 1e-4
+    best = cost.argmin(1)
+    best_cost = cost[np.arange(len(best)), best]
+    rows = (best_cost < limit).nonzero()[0]
+    cols = best[rows]
+    taken = np.zeros(cost.shape[1], bool)
+    taken[cols] = True
+    if np.count_nonzero(taken) == len(cols):
+        keep = best_cost[rows] <= thresh
+        return rows[keep], cols[keep]
+    rows, cols = linear_sum_assignment(np.minimum(cost, limit))
     keep = cost[rows, cols] <= thresh
     return rows[keep], cols[keep]
 
@@ -103,10 +143,11 @@ class ByteTracker:
         self.ids = np.zeros(0, np.int64)  # public id, -1 until confirmed
         self.state = np.zeros(0, np.int8)
         self.class_ids = np.zeros(0, np.int32)
-        # the Kalman state, one [5, 4] block a track (one gather and one scatter per correction):
-        # POS mean cx, cy, aspect (w/h), height; VEL their velocities, per frame interval; PP, PV, VV
-        # the covariance of each coordinate: position, position x velocity, velocity
-        self.kf = np.zeros((0, 5, 4))
+        # the Kalman state of every track, [5, 4, tracks]: POS the mean cx, cy, aspect (w/h), height;
+        # VEL their velocities, per frame interval; PP, PV, VV the covariance of each coordinate:
+        # position, position x velocity, velocity. Coordinate-major, so that each [4, tracks] block is
+        # contiguous and predict and correct are a few whole-array operations.
+        self.kf = np.zeros((5, 4, 0))
         self.start = np.zeros(0)  # time of the first detection
         self.seen = np.zeros(0)  # time of the last matched detection
 
@@ -120,45 +161,39 @@ class ByteTracker:
     # arithmetic instead of batched 8x8 matrix products.
     @property
     def pos(self) -> np.ndarray:
-        return self.kf[:, POS]
+        """Every track's Kalman position, [tracks, 4] (cx, cy, aspect, height)."""
+        return self.kf[POS].T
 
-    def _predict(self, dt: float) -> None:
-        if not len(self.state) or dt <= 0:
-            return
+    def _predict(self, dt: float, tracked: np.ndarray) -> None:
         k = dt / self.frame_dt  # in frames
+        pos, vel, pp, pv, vv = self.kf
+        vel[3] *= tracked  # ByteTrack: a track not seen keeps no height velocity
+        q_pos, q_vel = (_Q_SCALE * pos[3] + _Q_FIXED) ** 2  # one frame's noise, from the height before the step
+        pos += k * vel
+        pp += 2 * k * pv + k * k * vv + k * q_pos  # a random walk's variance grows with time
+        pv += k * vv
+        vv += k * q_vel
+
+    def _correct(self, matched: np.ndarray, rows: np.ndarray, z: np.ndarray) -> None:
+        """Kalman update of the tracks `rows` (`matched`: the same as a mask) with their measurements
+        `z` [4, len(rows)]: computed for every track (a whole-array operation costs less than a gather
+        and a scatter), with zero gain for the others, which leaves them as they were."""
         kf = self.kf
-        kf[self.state != TRACKED, VEL, 3] = 0.0  # ByteTrack: a track not seen keeps no height velocity
-        h = kf[:, POS, 3:4]
-        q_pos = (_WP * h * _MASK_POS + _FIXED_POS * 1e-2) ** 2  # noise of one frame: a random walk's variance grows with time
-        q_vel = (_WV * h * _MASK_POS + _FIXED_POS * 1e-5) ** 2
-        kf[:, POS] += k * kf[:, VEL]
-        kf[:, PP] += 2 * k * kf[:, PV] + k * k * kf[:, VV] + k * q_pos
-        kf[:, PV] += k * kf[:, VV]
-        kf[:, VV] += k * q_vel
+        pos, vel, pp, pv, vv = kf
+        r = (_WP * pos[3] * _MASK_POS + _R_FIXED) ** 2
+        gains = kf[PP:VV] / (pp + r)  # position and velocity gains
+        gains *= matched
+        measured = pos.copy()
+        measured[:, rows] = z
+        innovation = measured - pos
+        vv -= pv * gains[1]
+        kf[POS:PP] += gains * innovation
+        kf[PP:VV] *= 1 - gains[0]
 
-    def _correct(self, rows: np.ndarray, xyxy: np.ndarray) -> None:
-        if not len(rows):
-            return
-        block = self.kf[rows]
-        pos, vel, pp, pv, vv = block[:, POS], block[:, VEL], block[:, PP], block[:, PV], block[:, VV]
-        r = (_WP * pos[:, 3:4] * _MASK_POS + _FIXED_POS * 1e-1) ** 2
-        s = pp + r
-        gain_p, gain_v = pp / s, pv / s
-        innovation = _xyah(xyxy) - pos
-        vv -= pv * gain_v
-        pos += gain_p * innovation
-        vel += gain_v * innovation
-        pp *= 1 - gain_p
-        pv *= 1 - gain_p
-        self.kf[rows] = block
-
-    def _add(self, xyxy: np.ndarray, class_ids: np.ndarray, t: float, state: int) -> np.ndarray:
-        """Start tracks at these boxes; returns their rows."""
-        n = len(xyxy)
-        z = _xyah(xyxy)
-        h = z[:, 3:4]
-        pp = (2 * _WP * h * _MASK_POS + _FIXED_POS * 1e-2) ** 2
-        vv = (10 * _WV * h * _MASK_POS + _FIXED_POS * 1e-5) ** 2
+    def _add(self, z: np.ndarray, class_ids: np.ndarray, t: float, state: int) -> np.ndarray:
+        """Start tracks at measurements `z` [4, n] (cx, cy, aspect, height); returns their rows."""
+        n = z.shape[1]
+        h = z[3]
         first = len(self.state)
         ids = np.full(n, -1, np.int64)
         if state == TRACKED:
@@ -167,44 +202,30 @@ class ByteTracker:
         self.ids = np.concatenate((self.ids, ids))
         self.state = np.concatenate((self.state, np.full(n, state, np.int8)))
         self.class_ids = np.concatenate((self.class_ids, class_ids.astype(np.int32)))
-        block = np.zeros((n, 5, 4))
-        block[:, POS], block[:, PP], block[:, VV] = z, pp, vv
-        self.kf = np.concatenate((self.kf, block))
+        block = np.zeros((5, 4, n))
+        block[POS] = z
+        block[PP] = (2 * _WP * h * _MASK_POS + _FIXED_POS * 1e-2) ** 2
+        block[VV] = (10 * _WV * h * _MASK_POS + _FIXED_POS * 1e-5) ** 2
+        self.kf = np.concatenate((self.kf, block), axis=2)
         self.start = np.concatenate((self.start, np.full(n, t)))
         self.seen = np.concatenate((self.seen, np.full(n, t)))
         return np.arange(first, first + n)
 
     def _keep(self, mask: np.ndarray) -> None:
-        for name in ("ids", "state", "class_ids", "kf", "start", "seen"):
+        for name in ("ids", "state", "class_ids", "start", "seen"):
             setattr(self, name, getattr(self, name)[mask])
+        self.kf = self.kf[:, :, mask]
 
-    @staticmethod
-    def _associate(tracks: np.ndarray, dets: np.ndarray, similarity: np.ndarray, scores: np.ndarray, thresh: float,
-                   fuse: bool):
-        """Match track rows `tracks` with detection indices `dets` (`similarity`: IoU of every track with
-        every detection, 0 across classes): (track rows, det indices) matched, and the unmatched of each."""
-        if not len(tracks) or not len(dets):
-            return tracks[:0], dets[:0], tracks, dets
-        sim = similarity[tracks][:, dets]
-        if fuse:
-            sim = sim * scores[dets]
-        r, c = _match(1.0 - sim, thresh)
-        rest_t = np.ones(len(tracks), bool)
-        rest_t[r] = False
-        rest_d = np.ones(len(dets), bool)
-        rest_d[c] = False
-        return tracks[r], dets[c], tracks[rest_t], dets[rest_d]
-
-    def _drop_duplicates(self, alive: np.ndarray) -> None:
+    def _drop_duplicates(self, alive: np.ndarray, lost: np.ndarray) -> None:
         """ByteTrack's last step: a current track and a lost one of the same class on the same place
-        (IoU > 0.85) are one object twice; the one followed for less time goes."""
-        current = np.flatnonzero(alive & (self.state != LOST))
-        lost = np.flatnonzero(alive & (self.state == LOST))
+        (IoU > 0.85) are one object twice; the one followed for less time goes. `lost`: a mask."""
+        current = (alive & ~lost).nonzero()[0]
+        lost = (alive & lost).nonzero()[0]
         if not len(current) or not len(lost):
             return
-        boxes = _xyxy(self.pos)
+        boxes = _signed_boxes(self.kf[POS])
         same = self.class_ids[current][:, None] == self.class_ids[lost][None, :]
-        pairs = np.argwhere((iou_matrix(boxes[current], boxes[lost]) > 0.85) & same)
+        pairs = np.argwhere((_iou(boxes[:, current], boxes[:, lost]) > 0.85) & same)
         followed = self.seen - self.start
         for i, j in pairs:
             a, b = current[i], lost[j]
@@ -224,6 +245,10 @@ class ByteTracker:
         Returns the same detections, same order, with `track_ids` (-1: not part of a confirmed track)
         and `track_ages` (seconds since the track's first detection).
         """
+        # Cost: with a few dozen objects each numpy call's fixed overhead outweighs its arithmetic,
+        # so the frame is done in as few calls as it can be: whole arrays, coordinate-major; the
+        # three associations price out the pairs they may not use in the frame's one IoU matrix
+        # instead of cutting sub-matrices; steps with nothing to do are skipped.
         self.ended = []
         t = float(timestamp)
         if self.last_time is not None and t < self.last_time:
@@ -237,72 +262,104 @@ class ByteTracker:
             self._dt_count += 1
             if self._dt_count <= _DT_WINDOW or self._dt_count % 16 == 0:  # a median now and then is enough
                 self.frame_dt = float(np.median(self._dts[:min(self._dt_count, _DT_WINDOW)]))
-        self._predict(dt)
+        state = self.state
+        n_tracks = len(state)
+        tracked = state == TRACKED  # as the frame found them
+        new = state == NEW
+        n_new = np.count_nonzero(new)
+        if n_tracks and dt > 0:
+            self._predict(dt, tracked)
         self.last_time = t
 
-        boxes = np.asarray(detections.xyxy, np.float64).reshape(-1, 4)
+        boxes = np.asarray(detections.xyxy, np.float64).reshape(-1, 4).T  # [4, n]
         scores = np.asarray(detections.scores, np.float64)
         class_ids = np.asarray(detections.class_ids, np.int32)
         n = len(scores)
         if self.classes is not None:
             scores = np.where(np.isin(class_ids, self.classes), scores, -1.0)  # other classes: below every threshold
-        high = np.flatnonzero(scores >= self.high)
-        low = np.flatnonzero((scores >= self.low) & (scores < self.high))
+        high = scores >= self.high
+        n_high = np.count_nonzero(high)
         det_row = np.full(n, -1, np.int64)  # the track row each detection went to
+        confirm = det_row[:0]
 
-        # one IoU matrix for the whole frame; a track never matches a detection of another class
-        similarity = iou_matrix(_xyxy(self.pos), boxes) if len(self.state) and n else np.zeros((len(self.state), n))
-        similarity[self.class_ids[:, None] != class_ids[None, :]] = 0.0
-        rows = np.arange(len(self.state))
-        was_tracked = self.state == TRACKED
-        # 1. high-score detections with confirmed and lost tracks
-        pool = rows[self.state != NEW]
-        mt, md, rest_t, rest_high = self._associate(pool, high, similarity, scores, self.match_thresh,
-                                                    self.fuse_score)
-        det_row[md] = mt
-        # 2. low-score detections with the confirmed tracks still unmatched
-        rest_tracked = rest_t[was_tracked[rest_t]]
-        mt2, md2, unmatched, _ = self._associate(rest_tracked, low, similarity, scores, 0.5, False)
-        det_row[md2] = mt2
-        # 3. tracks seen once so far with the high-score detections left
-        unconfirmed = rows[self.state == NEW]
-        mt3, md3, dead_new, rest_high = self._associate(unconfirmed, rest_high, similarity, scores, 0.7,
-                                                        self.fuse_score)
-        det_row[md3] = mt3
+        if n_tracks and n:
+            # one IoU matrix for the frame; a track never matches a detection of another class
+            similarity = _iou(_signed_boxes(self.kf[POS]), boxes * _SIGN)
+            similarity[self.class_ids[:, None] != class_ids] = 0.0
+            fused = similarity * scores if self.fuse_score else similarity
+            # 1. high-score detections with confirmed and lost tracks
+            if n_high and n_tracks > n_new:
+                cost = 1.0 - fused
+                if n_new:
+                    cost[new] = _NO_MATCH
+                if n_high < n:
+                    cost[:, ~high] = _NO_MATCH
+                rows, cols = _match(cost, self.match_thresh)
+                det_row[cols] = rows
+            # 2. low-score detections with the confirmed tracks still unmatched
+            if n_high < n:
+                low = (scores >= self.low) & ~high
+                open_tracks = tracked.copy()
+                open_tracks[det_row[det_row >= 0]] = False
+                if np.count_nonzero(low) and np.count_nonzero(open_tracks):
+                    cost = 1.0 - similarity
+                    cost[~open_tracks] = _NO_MATCH
+                    cost[:, ~low] = _NO_MATCH
+                    rows, cols = _match(cost, 0.5)
+                    det_row[cols] = rows
+            # 3. tracks seen once so far with the high-score detections left
+            if n_new:
+                open_dets = high & (det_row < 0)
+                if np.count_nonzero(open_dets):
+                    cost = 1.0 - fused
+                    cost[~new] = _NO_MATCH
+                    cost[:, ~open_dets] = _NO_MATCH
+                    confirm, cols = _match(cost, 0.7)
+                    det_row[cols] = confirm
 
-        matched = np.concatenate((mt, mt2, mt3))
-        self._correct(matched, boxes[np.concatenate((md, md2, md3))])
-        self.state[matched] = TRACKED
-        self.seen[matched] = t
-        confirm = mt3  # a second sighting confirms a track: it gets its public id now
-        self.ids[confirm] = np.arange(self.next_id, self.next_id + len(confirm))
-        self.next_id += len(confirm)
-        self.state[unmatched] = LOST
+        has = det_row >= 0
+        z = _xyah(boxes)
+        matched = np.zeros(n_tracks, bool)
+        if np.count_nonzero(has):
+            matched_dets = has.nonzero()[0]
+            rows = det_row[matched_dets]
+            matched[rows] = True
+            self._correct(matched, rows, z[:, matched_dets])
+            state[matched] = TRACKED
+            self.seen[matched] = t
+        state[tracked & ~matched] = LOST
+        if len(confirm):  # a second sighting confirms a track: it gets its public id now
+            self.ids[confirm] = np.arange(self.next_id, self.next_id + len(confirm))
+            self.next_id += len(confirm)
 
         # 5. new tracks; the very first frame's are confirmed at once (as in ByteTrack)
-        fresh = rest_high[scores[rest_high] >= self.new]
+        fresh = (high & ~has & (scores >= self.new)).nonzero()[0] if n_high else det_row[:0]
         if len(fresh):
-            new_rows = self._add(boxes[fresh], class_ids[fresh], t, TRACKED if self.updates == 0 else NEW)
-            det_row[fresh] = new_rows
+            det_row[fresh] = self._add(z[:, fresh], class_ids[fresh], t, TRACKED if self.updates == 0 else NEW)
         self.updates += 1
 
-        alive = np.ones(len(self.state), bool)
-        alive[dead_new] = False
-        alive &= ~((self.state == LOST) & (t - self.seen > self.buffer_s))
-        self._drop_duplicates(alive)
-        everyone = alive.all()
+        # tracks seen once and not again go at once; lost ones when their buffer is over
+        alive = ~(new & ~matched) if n_new else np.ones(n_tracks, bool)
+        lost = state == LOST
+        if np.count_nonzero(lost):
+            alive &= ~(lost & (t - self.seen[:n_tracks] > self.buffer_s))
+            if len(fresh):
+                alive = np.concatenate((alive, np.ones(len(fresh), bool)))
+                lost = np.concatenate((lost, np.zeros(len(fresh), bool)))
+            self._drop_duplicates(alive, lost)
+        elif len(fresh):
+            alive = np.concatenate((alive, np.ones(len(fresh), bool)))
+        everyone = np.count_nonzero(alive) == len(alive)
         if not everyone:
             ended += [int(i) for i in self.ids[~alive & (self.ids >= 0)]]
         self.ended = ended
 
-        track_ids = np.full(n, -1, np.int64)
-        ages = np.zeros(n, np.float32)
-        has = det_row >= 0
-        rows_of = det_row[has]
-        ok = self.state[rows_of] == TRACKED
-        ids_here = np.where(ok, self.ids[rows_of], -1)
-        track_ids[has] = ids_here
-        ages[has] = np.where(ids_here >= 0, t - self.start[rows_of], 0.0)
+        if n and len(self.state):  # a detection with no track (row -1) reads the last row, then gets -1
+            has = det_row >= 0
+            track_ids = np.where(has & (self.state[det_row] == TRACKED), self.ids[det_row], -1)
+            ages = np.where(track_ids >= 0, t - self.start[det_row], 0.0).astype(np.float32)
+        else:
+            track_ids, ages = np.full(n, -1, np.int64), np.zeros(n, np.float32)
         if not everyone:
             self._keep(alive)
         return Detections(detections.xyxy, detections.scores, detections.class_ids, track_ids, ages)
