@@ -37,9 +37,15 @@ _WP, _WV = 1.0 / 20, 1.0 / 160  # ByteTrack's position and velocity noise weight
 # Column vectors: every per-track array here is coordinate-major, [4, tracks] (see _clear)
 _MASK_POS = np.array([1.0, 1.0, 0.0, 1.0])[:, None]
 _FIXED_POS = 1.0 - _MASK_POS
-_Q_SCALE = np.stack((_WP * _MASK_POS, _WV * _MASK_POS))  # one frame's noise, position and velocity: [2, 4, 1]
-_Q_FIXED = np.stack((_FIXED_POS * 1e-2, _FIXED_POS * 1e-5))
-_R_FIXED = _FIXED_POS * 1e-1
+# One frame's process noise, position and velocity ([2, 4, 1]), and the measurement noise ([4, 1]), are
+# (scale x height + fixed) ** 2 where scale and fixed are never both non-zero: scale ** 2 x height ** 2
+# + fixed ** 2, so one height ** 2 a frame serves every coordinate
+_Q_SCALE2 = np.stack((_WP * _MASK_POS, _WV * _MASK_POS)) ** 2
+_Q_FIXED2 = np.stack((_FIXED_POS * 1e-2, _FIXED_POS * 1e-5)) ** 2
+_R_SCALE2 = (_WP * _MASK_POS) ** 2
+_R_FIXED2 = (_FIXED_POS * 1e-1) ** 2
+_HALF = np.full((2, 1), 0.5)
+_COV_LEFT, _COV_RIGHT = [PP, PP, PV], [PP, PV, PV]  # the covariance update's products, see _correct
 _SIGN = np.array([-1.0, -1.0, 1.0, 1.0])[:, None]  # boxes as (-x1, -y1, x2, y2): see _iou
 _NO_MATCH = 2.0  # a cost above every threshold: the pair cannot match
 
@@ -47,47 +53,36 @@ _NO_MATCH = 2.0  # a cost above every threshold: the pair cannot match
 def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU of every box in `a` [n, 4] with every box in `b` [m, 4] (x1, y1, x2, y2)."""
     a, b = np.asarray(a, np.float64).T, np.asarray(b, np.float64).T
-    return _iou(a * _SIGN, b * _SIGN)
+    return _iou(a * _SIGN, _area(a), b * _SIGN, _area(b))
 
 
-def _sizes(signed: np.ndarray) -> np.ndarray:
-    """Width and height [2, n] of boxes given as (-x1, -y1, x2, y2) [4, n]."""
-    return signed[2:] + signed[:2]
+def _area(xyxy: np.ndarray) -> np.ndarray:
+    size = xyxy[2:] - xyxy[:2]
+    return size[0] * size[1]
 
 
-def _iou(signed_a: np.ndarray, signed_b: np.ndarray) -> np.ndarray:
-    """IoU [n, m] of boxes given coordinate-major as (-x1, -y1, x2, y2), [4, n] and [4, m].
+def _iou(signed_a: np.ndarray, area_a: np.ndarray, signed_b: np.ndarray, area_b: np.ndarray) -> np.ndarray:
+    """IoU [n, m] of boxes given coordinate-major as (-x1, -y1, x2, y2), [4, n] and [4, m], and their areas.
 
     Negating x1 and y1 turns both ends of the overlap into minima, so one np.minimum over [4, n, m]
     gives (-max x1, -max y1, min x2, min y2) and the overlap is its last two rows plus its first two
-    (the same numbers as min x2 - max x1, in fewer calls: each numpy call costs more than its arithmetic here).
+    (min x2 - max x1 in fewer calls: each numpy call costs more than its arithmetic here).
     """
     corner = np.minimum(signed_a[:, :, None], signed_b[:, None, :])
     overlap = corner[2:] + corner[:2]
     np.maximum(overlap, 0, out=overlap)
     inter = overlap[0] * overlap[1]
-    size_a, size_b = _sizes(signed_a), _sizes(signed_b)
-    union = (size_a[0] * size_a[1])[:, None] + size_b[0] * size_b[1] - inter
-    return inter / np.maximum(union, 1e-9)
+    union = area_a[:, None] + area_b
+    union -= inter
+    np.maximum(union, 1e-9, out=union)
+    return np.divide(inter, union, out=inter)
 
 
-def _xyah(xyxy: np.ndarray) -> np.ndarray:
-    """Boxes [4, n] (x1, y1, x2, y2) as Kalman measurements [4, n]: centre x, y, aspect w/h, height."""
-    z = np.empty_like(xyxy)
-    z[:2] = (xyxy[:2] + xyxy[2:]) / 2
-    wh = xyxy[2:] - xyxy[:2]
-    z[3] = np.maximum(wh[1], 1e-3)
-    z[2] = wh[0] / z[3]
-    return z
-
-
-def _signed_boxes(xyah: np.ndarray) -> np.ndarray:
-    """Kalman positions [4, n] as boxes (-x1, -y1, x2, y2) [4, n]."""
-    half = xyah[2:].copy()
-    half[0] *= xyah[3]  # width = aspect x height
-    half /= 2
-    centre = xyah[:2]
-    return np.concatenate((half - centre, centre + half))
+def _xyxy(xyah: np.ndarray) -> np.ndarray:
+    """Kalman positions [4, n] (cx, cy, aspect, height) as boxes [n, 4] (x1, y1, x2, y2)."""
+    half = xyah[2:] * _HALF
+    half[0] *= xyah[3]
+    return np.concatenate((xyah[:2] - half, xyah[:2] + half)).T
 
 
 def _match(cost: np.ndarray, thresh: float) -> tuple[np.ndarray, np.ndarray]:
@@ -103,13 +98,12 @@ def _match(cost: np.ndarray, thresh: float) -> tuple[np.ndarray, np.ndarray]:
     limit = thresh + 1e-4
     best = cost.argmin(1)
     best_cost = cost[np.arange(len(best)), best]
-    rows = (best_cost < limit).nonzero()[0]
-    cols = best[rows]
+    wanted = best[best_cost < limit]
     taken = np.zeros(cost.shape[1], bool)
-    taken[cols] = True
-    if np.count_nonzero(taken) == len(cols):
-        keep = best_cost[rows] <= thresh
-        return rows[keep], cols[keep]
+    taken[wanted] = True
+    if np.count_nonzero(taken) == len(wanted):
+        rows = (best_cost <= thresh).nonzero()[0]
+        return rows, best[rows]
     rows, cols = linear_sum_assignment(np.minimum(cost, limit))
     keep = cost[rows, cols] <= thresh
     return rows[keep], cols[keep]
@@ -148,6 +142,7 @@ class ByteTracker:
         # position, position x velocity, velocity. Coordinate-major, so that each [4, tracks] block is
         # contiguous and predict and correct are a few whole-array operations.
         self.kf = np.zeros((5, 4, 0))
+        self._motion = np.eye(5)  # the Kalman transition, set for each step's length
         self.start = np.zeros(0)  # time of the first detection
         self.seen = np.zeros(0)  # time of the last matched detection
 
@@ -166,29 +161,30 @@ class ByteTracker:
 
     def _predict(self, dt: float, tracked: np.ndarray) -> None:
         k = dt / self.frame_dt  # in frames
-        pos, vel, pp, pv, vv = self.kf
-        vel[3] *= tracked  # ByteTrack: a track not seen keeps no height velocity
-        q_pos, q_vel = (_Q_SCALE * pos[3] + _Q_FIXED) ** 2  # one frame's noise, from the height before the step
-        pos += k * vel
-        pp += 2 * k * pv + k * k * vv + k * q_pos  # a random walk's variance grows with time
-        pv += k * vv
-        vv += k * q_vel
-
-    def _correct(self, matched: np.ndarray, rows: np.ndarray, z: np.ndarray) -> None:
-        """Kalman update of the tracks `rows` (`matched`: the same as a mask) with their measurements
-        `z` [4, len(rows)]: computed for every track (a whole-array operation costs less than a gather
-        and a scatter), with zero gain for the others, which leaves them as they were."""
         kf = self.kf
-        pos, vel, pp, pv, vv = kf
-        r = (_WP * pos[3] * _MASK_POS + _R_FIXED) ** 2
-        gains = kf[PP:VV] / (pp + r)  # position and velocity gains
-        gains *= matched
-        measured = pos.copy()
-        measured[:, rows] = z
-        innovation = measured - pos
-        vv -= pv * gains[1]
-        kf[POS:PP] += gains * innovation
-        kf[PP:VV] *= 1 - gains[0]
+        kf[VEL, 3][~tracked] = 0.0  # ByteTrack: a track not seen keeps no height velocity
+        h2 = kf[POS, 3] ** 2  # the noise of one frame is from the height before the step
+        # mean and covariance: [pos, vel, pp, pv, vv] <- F [pos, vel, pp, pv, vv], one matrix product
+        # for every track and coordinate (pos += k vel; pp += 2k pv + k^2 vv; pv += k vv)
+        motion = self._motion
+        motion[POS, VEL] = motion[PV, VV] = k
+        motion[PP, PV], motion[PP, VV] = 2 * k, k * k
+        kf = (motion @ kf.reshape(5, -1)).reshape(kf.shape)
+        kf[PP::2] += k * (_Q_SCALE2 * h2 + _Q_FIXED2)  # pp and vv: a random walk's variance grows with time
+        self.kf = kf
+
+    def _correct(self, gate: np.ndarray, rows: np.ndarray, z: np.ndarray) -> None:
+        """Kalman update of the tracks `rows` with their measurements `z` [4, len(rows)]. Computed for
+        every track (whole arrays cost less than a gather and a scatter): `gate` is 1.0 on the rows, 0.0
+        elsewhere, and a zero gain leaves a track as it was."""
+        kf = self.kf
+        pos, pp = kf[POS], kf[PP]
+        inverse = gate / (pp + (_R_SCALE2 * pos[3] ** 2 + _R_FIXED2))  # 1 / (pp + r), 0 where no measurement
+        innovation = np.zeros(pos.shape)
+        innovation[:, rows] = z - pos[:, rows]
+        # gains: position pp / s, velocity pv / s; the covariance loses (pp, pv, vv) -= (pp pp, pp pv, pv pv) / s
+        kf[POS:PP] += kf[PP:VV] * (inverse * innovation)
+        kf[PP:] -= kf[_COV_LEFT] * kf[_COV_RIGHT] * inverse
 
     def _add(self, z: np.ndarray, class_ids: np.ndarray, t: float, state: int) -> np.ndarray:
         """Start tracks at measurements `z` [4, n] (cx, cy, aspect, height); returns their rows."""
@@ -223,9 +219,9 @@ class ByteTracker:
         lost = (alive & lost).nonzero()[0]
         if not len(current) or not len(lost):
             return
-        boxes = _signed_boxes(self.kf[POS])
+        boxes = _xyxy(self.kf[POS])
         same = self.class_ids[current][:, None] == self.class_ids[lost][None, :]
-        pairs = np.argwhere((_iou(boxes[:, current], boxes[:, lost]) > 0.85) & same)
+        pairs = np.argwhere((iou_matrix(boxes[current], boxes[lost]) > 0.85) & same)
         followed = self.seen - self.start
         for i, j in pairs:
             a, b = current[i], lost[j]
@@ -271,7 +267,7 @@ class ByteTracker:
             self._predict(dt, tracked)
         self.last_time = t
 
-        boxes = np.asarray(detections.xyxy, np.float64).reshape(-1, 4).T  # [4, n]
+        boxes = np.asarray(detections.xyxy, np.float64).reshape(-1, 4).T  # [4, n]: x1, y1, x2, y2
         scores = np.asarray(detections.scores, np.float64)
         class_ids = np.asarray(detections.class_ids, np.int32)
         n = len(scores)
@@ -281,10 +277,18 @@ class ByteTracker:
         n_high = np.count_nonzero(high)
         det_row = np.full(n, -1, np.int64)  # the track row each detection went to
         confirm = det_row[:0]
+        size = boxes[2:] - boxes[:2]  # width, height
+        z = np.concatenate(((boxes[:2] + boxes[2:]) * 0.5, size))  # as measurements: cx, cy, aspect, height
+        np.maximum(z[3], 1e-3, out=z[3])
+        z[2] /= z[3]
 
         if n_tracks and n:
             # one IoU matrix for the frame; a track never matches a detection of another class
-            similarity = _iou(_signed_boxes(self.kf[POS]), boxes * _SIGN)
+            pos = self.kf[POS]
+            half = pos[2:] * _HALF
+            half[0] *= pos[3]  # half width (aspect x height), half height
+            similarity = _iou(np.concatenate((half - pos[:2], pos[:2] + half)), half[0] * half[1] * 4.0,
+                              boxes * _SIGN, size[0] * size[1])
             similarity[self.class_ids[:, None] != class_ids] = 0.0
             fused = similarity * scores if self.fuse_score else similarity
             # 1. high-score detections with confirmed and lost tracks
@@ -296,11 +300,13 @@ class ByteTracker:
                     cost[:, ~high] = _NO_MATCH
                 rows, cols = _match(cost, self.match_thresh)
                 det_row[cols] = rows
+            else:
+                rows = det_row[:0]
             # 2. low-score detections with the confirmed tracks still unmatched
             if n_high < n:
                 low = (scores >= self.low) & ~high
                 open_tracks = tracked.copy()
-                open_tracks[det_row[det_row >= 0]] = False
+                open_tracks[rows] = False
                 if np.count_nonzero(low) and np.count_nonzero(open_tracks):
                     cost = 1.0 - similarity
                     cost[~open_tracks] = _NO_MATCH
@@ -318,28 +324,33 @@ class ByteTracker:
                     det_row[cols] = confirm
 
         has = det_row >= 0
-        z = _xyah(boxes)
-        matched = np.zeros(n_tracks, bool)
+        gate = np.zeros(n_tracks)  # 1.0: matched in this frame
         if np.count_nonzero(has):
             matched_dets = has.nonzero()[0]
             rows = det_row[matched_dets]
-            matched[rows] = True
-            self._correct(matched, rows, z[:, matched_dets])
-            state[matched] = TRACKED
-            self.seen[matched] = t
-        state[tracked & ~matched] = LOST
+            gate[rows] = 1.0
+            self._correct(gate, rows, z[:, matched_dets])
+            state[rows] = TRACKED
+            self.seen[rows] = t
+        unmatched = gate == 0.0
+        state[tracked & unmatched] = LOST
         if len(confirm):  # a second sighting confirms a track: it gets its public id now
             self.ids[confirm] = np.arange(self.next_id, self.next_id + len(confirm))
             self.next_id += len(confirm)
 
         # 5. new tracks; the very first frame's are confirmed at once (as in ByteTrack)
-        fresh = (high & ~has & (scores >= self.new)).nonzero()[0] if n_high else det_row[:0]
-        if len(fresh):
-            det_row[fresh] = self._add(z[:, fresh], class_ids[fresh], t, TRACKED if self.updates == 0 else NEW)
+        fresh = det_row[:0]
+        if n_high:
+            fresh = high & ~has
+            if self.new > self.high:
+                fresh &= scores >= self.new
+            fresh = fresh.nonzero()[0]
+            if len(fresh):
+                det_row[fresh] = self._add(z[:, fresh], class_ids[fresh], t, TRACKED if self.updates == 0 else NEW)
         self.updates += 1
 
         # tracks seen once and not again go at once; lost ones when their buffer is over
-        alive = ~(new & ~matched) if n_new else np.ones(n_tracks, bool)
+        alive = ~(new & unmatched) if n_new else np.ones(n_tracks, bool)
         lost = state == LOST
         if np.count_nonzero(lost):
             alive &= ~(lost & (t - self.seen[:n_tracks] > self.buffer_s))
@@ -354,10 +365,13 @@ class ByteTracker:
             ended += [int(i) for i in self.ids[~alive & (self.ids >= 0)]]
         self.ended = ended
 
-        if n and len(self.state):  # a detection with no track (row -1) reads the last row, then gets -1
-            has = det_row >= 0
-            track_ids = np.where(has & (self.state[det_row] == TRACKED), self.ids[det_row], -1)
-            ages = np.where(track_ids >= 0, t - self.start[det_row], 0.0).astype(np.float32)
+        if n and len(self.state):
+            # a matched track is a tracked one, so its id is the detection's (-1 for a track not confirmed);
+            # a detection with no track (row -1) reads the last row, then gets -1
+            track_ids = self.ids[det_row]
+            track_ids[det_row < 0] = -1
+            ages = (t - self.start[det_row]).astype(np.float32)
+            ages[track_ids < 0] = 0.0
         else:
             track_ids, ages = np.full(n, -1, np.int64), np.zeros(n, np.float32)
         if not everyone:
