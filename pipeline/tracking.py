@@ -289,7 +289,10 @@ class ByteTracker:
             half[0] *= pos[3]  # half width (aspect x height), half height
             similarity = _iou(np.concatenate((half - pos[:2], pos[:2] + half)), half[0] * half[1] * 4.0,
                               boxes * _SIGN, size[0] * size[1])
-            similarity[self.class_ids[:, None] != class_ids] = 0.0
+            # (a camera tracking one class, the usual case, skips the mask: a 1-D check is cheaper)
+            one_class = class_ids[0]
+            if np.count_nonzero(class_ids != one_class) or np.count_nonzero(self.class_ids != one_class):
+                similarity[self.class_ids[:, None] != class_ids] = 0.0
             fused = similarity * scores if self.fuse_score else similarity
             # 1. high-score detections with confirmed and lost tracks
             if n_high and n_tracks > n_new:
@@ -303,16 +306,15 @@ class ByteTracker:
             else:
                 rows = det_row[:0]
             # 2. low-score detections with the confirmed tracks still unmatched
+            # (few on both sides: a sub-matrix is cheaper than pricing out the whole one)
             if n_high < n:
-                low = (scores >= self.low) & ~high
+                low = ((scores >= self.low) & ~high).nonzero()[0]
                 open_tracks = tracked.copy()
                 open_tracks[rows] = False
-                if np.count_nonzero(low) and np.count_nonzero(open_tracks):
-                    cost = 1.0 - similarity
-                    cost[~open_tracks] = _NO_MATCH
-                    cost[:, ~low] = _NO_MATCH
-                    rows, cols = _match(cost, 0.5)
-                    det_row[cols] = rows
+                open_tracks = open_tracks.nonzero()[0]
+                if len(low) and len(open_tracks):
+                    rows, cols = _match(1.0 - similarity[open_tracks[:, None], low], 0.5)
+                    det_row[low[cols]] = open_tracks[rows]
             # 3. tracks seen once so far with the high-score detections left
             if n_new:
                 open_dets = high & (det_row < 0)
@@ -350,17 +352,19 @@ class ByteTracker:
         self.updates += 1
 
         # tracks seen once and not again go at once; lost ones when their buffer is over
-        alive = ~(new & unmatched) if n_new else np.ones(n_tracks, bool)
         lost = state == LOST
-        if np.count_nonzero(lost):
-            alive &= ~(lost & (t - self.seen[:n_tracks] > self.buffer_s))
+        everyone = True
+        if n_new or np.count_nonzero(lost):
+            alive = ~(new & unmatched) if n_new else np.ones(n_tracks, bool)
+            if np.count_nonzero(lost):
+                alive &= ~(lost & (t - self.seen[:n_tracks] > self.buffer_s))
+                if len(fresh):
+                    lost = np.concatenate((lost, np.zeros(len(fresh), bool)))
             if len(fresh):
                 alive = np.concatenate((alive, np.ones(len(fresh), bool)))
-                lost = np.concatenate((lost, np.zeros(len(fresh), bool)))
-            self._drop_duplicates(alive, lost)
-        elif len(fresh):
-            alive = np.concatenate((alive, np.ones(len(fresh), bool)))
-        everyone = np.count_nonzero(alive) == len(alive)
+            if np.count_nonzero(lost):
+                self._drop_duplicates(alive, lost)
+            everyone = np.count_nonzero(alive) == len(alive)
         if not everyone:
             ended += [int(i) for i in self.ids[~alive & (self.ids >= 0)]]
         self.ended = ended
