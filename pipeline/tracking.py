@@ -293,14 +293,16 @@ class ByteTracker:
             one_class = class_ids[0]
             if np.count_nonzero(class_ids != one_class) or np.count_nonzero(self.class_ids != one_class):
                 similarity[self.class_ids[:, None] != class_ids] = 0.0
-            fused = similarity * scores if self.fuse_score else similarity
             # 1. high-score detections with confirmed and lost tracks
             if n_high and n_tracks > n_new:
-                cost = 1.0 - fused
+                if self.fuse_score:  # a score of -1 prices a low-score detection out: its cost is 1 + IoU
+                    cost = 1.0 - similarity * (scores if n_high == n else np.where(high, scores, -1.0))
+                else:
+                    cost = 1.0 - similarity
+                    if n_high < n:
+                        cost[:, ~high] = _NO_MATCH
                 if n_new:
                     cost[new] = _NO_MATCH
-                if n_high < n:
-                    cost[:, ~high] = _NO_MATCH
                 rows, cols = _match(cost, self.match_thresh)
                 det_row[cols] = rows
             else:
@@ -319,7 +321,7 @@ class ByteTracker:
             if n_new:
                 open_dets = high & (det_row < 0)
                 if np.count_nonzero(open_dets):
-                    cost = 1.0 - fused
+                    cost = 1.0 - (similarity * scores if self.fuse_score else similarity)
                     cost[~new] = _NO_MATCH
                     cost[:, ~open_dets] = _NO_MATCH
                     confirm, cols = _match(cost, 0.7)
