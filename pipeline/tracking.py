@@ -98,10 +98,8 @@ def _match(cost: np.ndarray, thresh: float) -> tuple[np.ndarray, np.ndarray]:
     limit = thresh + 1e-4
     best = cost.argmin(1)
     best_cost = cost[np.arange(len(best)), best]
-    wanted = best[best_cost < limit]
-    taken = np.zeros(cost.shape[1], bool)
-    taken[wanted] = True
-    if np.count_nonzero(taken) == len(wanted):
+    wanted = best[best_cost < limit].tolist()
+    if len(set(wanted)) == len(wanted):  # a few dozen ints: a Python set costs less than numpy calls
         rows = (best_cost <= thresh).nonzero()[0]
         return rows, best[rows]
     rows, cols = linear_sum_assignment(np.minimum(cost, limit))
@@ -180,8 +178,9 @@ class ByteTracker:
         kf = self.kf
         pos, pp = kf[POS], kf[PP]
         inverse = gate / (pp + (_R_SCALE2 * pos[3] ** 2 + _R_FIXED2))  # 1 / (pp + r), 0 where no measurement
-        innovation = np.zeros(pos.shape)
-        innovation[:, rows] = z - pos[:, rows]
+        measured = pos.copy()  # innovation 0 where no measurement
+        measured[:, rows] = z
+        innovation = measured - pos
         # gains: position pp / s, velocity pv / s; the covariance loses (pp, pv, vv) -= (pp pp, pp pv, pv pv) / s
         kf[POS:PP] += kf[PP:VV] * (inverse * innovation)
         kf[PP:] -= kf[_COV_LEFT] * kf[_COV_RIGHT] * inverse
