@@ -110,20 +110,6 @@ def cmd_run(args) -> int:
     return 0
 
 
-def summary_line(message: dict) -> str:
-    """`subscribe --summary`: one short line a message; a tracked detection shows its id (`person#3`)."""
-    camera = message.get("camera", "?")
-    if message.get("type") == "detections":
-        labels = ", ".join(f"{d['label']}{'#%d' % d['track_id'] if 'track_id' in d else ''} {d['score']:.2f}"
-                           for d in message["detections"])
-        return f"{camera} frame={message['frame']} lat={message['latency_ms']['total']:.0f}ms [{labels}]"
-    # end: its reason; an event (line crossed, zone entered or left): where, which way, which track
-    details = [str(message[key]) for key in ("reason", "line", "zone", "direction", "label") if key in message]
-    if "track_id" in message:
-        details.append(f"#{message['track_id']}")
-    return " ".join([camera, str(message.get("type"))] + details)
-
-
 def cmd_subscribe(args) -> int:
     import zmq
 
@@ -177,6 +163,20 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def summary_line(message: dict) -> str:
+    """`subscribe --summary`: one short line a message; a tracked detection shows its id (`person#3`)."""
+    camera = message.get("camera", "?")
+    if message.get("type") == "detections":
+        labels = ", ".join(f"{d['label']}{'#%d' % d['track_id'] if 'track_id' in d else ''} {d['score']:.2f}"
+                           for d in message["detections"])
+        return f"{camera} frame={message['frame']} lat={message['latency_ms']['total']:.0f}ms [{labels}]"
+    # end: its reason; an event (line crossed, zone entered or left): where, which way, which track
+    details = [str(message[key]) for key in ("reason", "line", "zone", "direction", "label") if key in message]
+    if "track_id" in message:
+        details.append(f"#{message['track_id']}")
+    return " ".join([camera, str(message.get("type"))] + details)
 
 
 def _number(kind, low: float, high: float, low_open: bool = False):
