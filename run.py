@@ -217,12 +217,7 @@ def cmd_subscribe(args) -> int:
             last_seq[camera] = message.get("seq", 0)
             received += 1
             if args.summary:
-                if message.get("type") == "detections":
-                    labels = ", ".join(f"{d['label']} {d['score']:.2f}" for d in message["detections"])
-                    print(f"{camera} frame={message['frame']} lat={message['latency_ms']['total']:.0f}ms [{labels}]", flush=True)
-                else:
-                    reason = f" {message['reason']}" if "reason" in message else ""
-                    print(f"{camera} {message.get('type')}{reason}", flush=True)
+                print(summary_line(message), flush=True)
             else:
                 print(json.dumps(message), flush=True)
     except KeyboardInterrupt:
@@ -278,6 +273,20 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def summary_line(message: dict) -> str:
+    """`subscribe --summary`: one short line a message; a tracked detection shows its id (`person#3`)."""
+    camera = message.get("camera", "?")
+    if message.get("type") == "detections":
+        labels = ", ".join(f"{d['label']}{'#%d' % d['track_id'] if 'track_id' in d else ''} {d['score']:.2f}"
+                           for d in message["detections"])
+        return f"{camera} frame={message['frame']} lat={message['latency_ms']['total']:.0f}ms [{labels}]"
+    # end: its reason; an event (line crossed, zone entered or left): where, which way, which track
+    details = [str(message[key]) for key in ("reason", "line", "zone", "direction", "label") if key in message]
+    if "track_id" in message:
+        details.append(f"#{message['track_id']}")
+    return " ".join([camera, str(message.get("type"))] + details)
 
 
 def _number(kind, low: float, high: float, low_open: bool = False):

@@ -7,7 +7,9 @@
    on the same input in the same run, both with their defaults at the sequence's frame rate;
    MOTA, IDF1 and ID switches from motmetrics (IoU >= 0.5), over every sequence and seed.
 2. Cost: one camera with 50 moving objects, milliseconds an update (median and p90), for our
-   tracker alone, with a counting line and a zone, and for supervision's ByteTrack.
+   tracker alone, with a counting line and a zone, for supervision's ByteTrack, and for our tracker
+   as first merged (read from git at --reference, run in turns with ours), so that the ratio holds
+   however busy the machine is.
 3. Pipeline: the real pipeline on the demo clip with tracking off and on (and a counting line),
    interleaved rounds, median fps of each and their ratio.
 
@@ -164,7 +166,28 @@ def scene(n: int, frames: int, fps: float, seed: int = 0):
                                   np.zeros(n, np.int32))
 
 
-def cost(objects: int, frames: int) -> dict:
+REFERENCE = "5d720fd"  # the tracker as first merged (0.36 ms in its own runs here), timed beside ours in each run
+
+
+def reference_tracker(commit_id: str):
+    """`ByteTracker` from pipeline/tracking.py at an older commit (read with git), or None without git or commit."""
+    import importlib.util
+    import subprocess
+
+    try:
+        source = subprocess.run(["git", "show", f"{commit_id}:pipeline/tracking.py"], cwd=ROOT, capture_output=True,
+                                text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    path = Path(tempfile.mkdtemp()) / f"tracking_{commit_id}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ByteTracker
+
+
+def cost(objects: int, frames: int, rounds: int, reference: str) -> dict:
     import supervision as sv
 
     fps = 30.0
@@ -180,8 +203,16 @@ def cost(objects: int, frames: int) -> dict:
             seconds.append(time.perf_counter() - started)
         return seconds[warm:]
 
-    tracker = ByteTracker()
-    out["ours: tracker"] = timed(tracker.update)
+    # ours and the reference in turns, a fresh tracker each round: load that comes and goes hits both
+    old = reference_tracker(reference)
+    variants = {"ours: tracker": ByteTracker}
+    if old is not None:
+        variants[f"reference: the tracker at {reference}"] = old
+    for name in variants:
+        out[name] = []
+    for _ in range(rounds):
+        for name, make in variants.items():
+            out[name] += timed(make().update)
     tracker = ByteTracker()
     analytics = Analytics(zones=[ZoneConfig(name="z", polygon=[(0, 0), (960, 0), (960, 1080), (0, 1080)])],
                           lines=[LineConfig(name="l", points=[(0, 540), (1920, 540)])], labels=["person"])
@@ -228,6 +259,8 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=5, help="noise seeds per sequence and level")
     parser.add_argument("--objects", type=int, default=50)
     parser.add_argument("--cost-frames", type=int, default=2000)
+    parser.add_argument("--cost-rounds", type=int, default=5, help="rounds of ours and the reference, in turns")
+    parser.add_argument("--reference", default=REFERENCE, help="commit whose tracker is timed beside ours")
     parser.add_argument("--frames", type=int, default=400, help="demo clip frames for the pipeline comparison")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--parts", default="accuracy,cost,pipeline",
@@ -238,7 +271,7 @@ def main() -> int:
 
     load_before = os.getloadavg()
     acc = accuracy(args.seeds) if "accuracy" in parts else None
-    costs = cost(args.objects, args.cost_frames) if "cost" in parts else None
+    costs = cost(args.objects, args.cost_frames, args.cost_rounds, args.reference) if "cost" in parts else None
     pipe = pipeline_fps(args.frames, args.repeat) if "pipeline" in parts else None
     load_after = os.getloadavg()
 
@@ -262,11 +295,13 @@ def main() -> int:
         lines += ["", "IDF1 >= supervision's: " + ", ".join(f"{k} noise {'met' if v else 'MISSED'}"
                                                           for k, v in idf1_ok.items()), ""]
     if costs is not None:
-        lines += [f"**Cost** a frame, one camera, {args.objects} objects, {args.cost_frames} frames:", "",
-                  "| what | median ms | p90 ms |", "| --- | --- | --- |"]
-        for name, c in costs.items():
-            lines.append(f"| {name} | {c['median_ms']:.4f} | {c['p90_ms']:.4f} |")
         ours_ms = costs["ours: tracker"]["median_ms"]
+        lines += [f"**Cost** a frame, one camera, {args.objects} objects, {args.cost_frames} frames ({args.cost_rounds} rounds "
+                  f"of ours and the reference in turns):", "",
+                  "| what | median ms | p90 ms | ours / this |", "| --- | --- | --- | --- |"]
+        for name, c in costs.items():
+            ratio = f"{ours_ms / c['median_ms']:.2f}" if "numpy add" not in name else ""
+            lines.append(f"| {name} | {c['median_ms']:.4f} | {c['p90_ms']:.4f} | {ratio} |")
         lines += ["", f"target <= 0.3 ms (median): {'met' if ours_ms <= 0.3 else 'MISSED'} ({ours_ms:.3f} ms)", ""]
     if pipe is not None:
         lines += [f"**Pipeline** (the demo config: ONNX Runtime, 2 lanes x 1 thread, batch <= 4), {pipe['frames']} frames "

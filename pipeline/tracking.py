@@ -33,44 +33,76 @@ TRACKED, LOST, NEW = 0, 1, 2
 POS, VEL, PP, PV, VV = range(5)
 _DT_WINDOW = 31  # the camera's frame interval is the median of this many recent intervals
 _WP, _WV = 1.0 / 20, 1.0 / 160  # ByteTrack's position and velocity noise weights (relative to height)
-# the aspect ratio (third coordinate) has fixed noise in ByteTrack; x, y and height scale with height
-_MASK_POS = np.array([1.0, 1.0, 0.0, 1.0])
+# the aspect ratio (third coordinate) has fixed noise in ByteTrack; x, y and height scale with height.
+# Column vectors: every per-track array here is coordinate-major, [4, tracks] (see _clear)
+_MASK_POS = np.array([1.0, 1.0, 0.0, 1.0])[:, None]
 _FIXED_POS = 1.0 - _MASK_POS
+# One frame's process noise, position and velocity ([2, 4, 1]), and the measurement noise ([4, 1]), are
+# (scale x height + fixed) ** 2 where scale and fixed are never both non-zero: scale ** 2 x height ** 2
+# + fixed ** 2, so one height ** 2 a frame serves every coordinate
+_Q_SCALE2 = np.stack((_WP * _MASK_POS, _WV * _MASK_POS)) ** 2
+_Q_FIXED2 = np.stack((_FIXED_POS * 1e-2, _FIXED_POS * 1e-5)) ** 2
+_R_SCALE2 = (_WP * _MASK_POS) ** 2
+_R_FIXED2 = (_FIXED_POS * 1e-1) ** 2
+_HALF = np.full((2, 1), 0.5)
+_COV_LEFT, _COV_RIGHT = [PP, PP, PV], [PP, PV, PV]  # the covariance update's products, see _correct
+_SIGN = np.array([-1.0, -1.0, 1.0, 1.0])[:, None]  # boxes as (-x1, -y1, x2, y2): see _iou
+_NO_MATCH = 2.0  # a cost above every threshold: the pair cannot match
 
 
 def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU of every box in `a` [n, 4] with every box in `b` [m, 4] (x1, y1, x2, y2)."""
-    iw = np.minimum.outer(a[:, 2], b[:, 2]) - np.maximum.outer(a[:, 0], b[:, 0])
-    ih = np.minimum.outer(a[:, 3], b[:, 3]) - np.maximum.outer(a[:, 1], b[:, 1])
-    inter = np.maximum(iw, 0) * np.maximum(ih, 0)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    return inter / np.maximum(np.add.outer(area_a, area_b) - inter, 1e-9)
+    a, b = np.asarray(a, np.float64).T, np.asarray(b, np.float64).T
+    return _iou(a * _SIGN, _area(a), b * _SIGN, _area(b))
 
 
-def _xyah(xyxy: np.ndarray) -> np.ndarray:
-    w = xyxy[:, 2] - xyxy[:, 0]
-    h = np.maximum(xyxy[:, 3] - xyxy[:, 1], 1e-3)
-    return np.stack(((xyxy[:, 0] + xyxy[:, 2]) / 2, (xyxy[:, 1] + xyxy[:, 3]) / 2, w / h, h), axis=1)
+def _area(xyxy: np.ndarray) -> np.ndarray:
+    size = xyxy[2:] - xyxy[:2]
+    return size[0] * size[1]
+
+
+def _iou(signed_a: np.ndarray, area_a: np.ndarray, signed_b: np.ndarray, area_b: np.ndarray) -> np.ndarray:
+    """IoU [n, m] of boxes given coordinate-major as (-x1, -y1, x2, y2), [4, n] and [4, m], and their areas.
+
+    Negating x1 and y1 turns both ends of the overlap into minima, so one np.minimum over [4, n, m]
+    gives (-max x1, -max y1, min x2, min y2) and the overlap is its last two rows plus its first two
+    (min x2 - max x1 in fewer calls: each numpy call costs more than its arithmetic here).
+    """
+    corner = np.minimum(signed_a[:, :, None], signed_b[:, None, :])
+    overlap = corner[2:] + corner[:2]
+    np.maximum(overlap, 0, out=overlap)
+    inter = overlap[0] * overlap[1]
+    union = area_a[:, None] + area_b
+    union -= inter
+    np.maximum(union, 1e-9, out=union)
+    return np.divide(inter, union, out=inter)
 
 
 def _xyxy(xyah: np.ndarray) -> np.ndarray:
-    w = xyah[:, 2] * xyah[:, 3]
-    half = np.stack((w, xyah[:, 3]), axis=1) / 2
-    return np.concatenate((xyah[:, :2] - half, xyah[:, :2] + half), axis=1)
+    """Kalman positions [4, n] (cx, cy, aspect, height) as boxes [n, 4] (x1, y1, x2, y2)."""
+    half = xyah[2:] * _HALF
+    half[0] *= xyah[3]
+    return np.concatenate((xyah[:2] - half, xyah[:2] + half)).T
 
 
 def _match(cost: np.ndarray, thresh: float) -> tuple[np.ndarray, np.ndarray]:
-    """Minimum-cost assignment of pairs with cost <= thresh: (rows, cols).
+    """Minimum-cost assignment of pairs with cost <= thresh: (rows, cols), rows ascending.
 
-    Costs above `thresh` are clipped to just above it, so every pair that cannot match costs the same
-    as leaving its two ends unmatched: the solver then never moves a good match to lower the cost of
-    pairs that are dropped anyway (ByteTrack's `lap.lapjv(cost_limit=thresh)` semantics, with scipy).
+    Costs above `thresh` count as just above it, so every pair that cannot match costs the same as
+    leaving its two ends unmatched: the solver then never moves a good match to lower the cost of
+    pairs that are dropped anyway (ByteTrack's `lap.lapjv(cost_limit=thresh)` semantics). The total
+    is then at least the sum of each row's best cost below that limit, so when those rows all want
+    different columns, each taking its best is the optimum (the usual frame: objects apart); only a
+    conflict needs scipy's solver. A row or column priced at _NO_MATCH everywhere takes no part.
     """
-    if cost.size == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    cost = np.minimum(cost, thresh + 1e-4)
-    rows, cols = linear_sum_assignment(cost)
+    limit = thresh + 1e-4
+    best = cost.argmin(1)
+    best_cost = cost[np.arange(len(best)), best]
+    wanted = best[best_cost < limit].tolist()
+    if len(set(wanted)) == len(wanted):  # a few dozen ints: a Python set costs less than numpy calls
+        rows = (best_cost <= thresh).nonzero()[0]
+        return rows, best[rows]
+    rows, cols = linear_sum_assignment(np.minimum(cost, limit))
     keep = cost[rows, cols] <= thresh
     return rows[keep], cols[keep]
 
@@ -103,10 +135,12 @@ class ByteTracker:
         self.ids = np.zeros(0, np.int64)  # public id, -1 until confirmed
         self.state = np.zeros(0, np.int8)
         self.class_ids = np.zeros(0, np.int32)
-        # the Kalman state, one [5, 4] block a track (one gather and one scatter per correction):
-        # POS mean cx, cy, aspect (w/h), height; VEL their velocities, per frame interval; PP, PV, VV
-        # the covariance of each coordinate: position, position x velocity, velocity
-        self.kf = np.zeros((0, 5, 4))
+        # the Kalman state of every track, [5, 4, tracks]: POS the mean cx, cy, aspect (w/h), height;
+        # VEL their velocities, per frame interval; PP, PV, VV the covariance of each coordinate:
+        # position, position x velocity, velocity. Coordinate-major, so that each [4, tracks] block is
+        # contiguous and predict and correct are a few whole-array operations.
+        self.kf = np.zeros((5, 4, 0))
+        self._motion = np.eye(5)  # the Kalman transition, set for each step's length
         self.start = np.zeros(0)  # time of the first detection
         self.seen = np.zeros(0)  # time of the last matched detection
 
@@ -120,45 +154,41 @@ class ByteTracker:
     # arithmetic instead of batched 8x8 matrix products.
     @property
     def pos(self) -> np.ndarray:
-        return self.kf[:, POS]
+        """Every track's Kalman position, [tracks, 4] (cx, cy, aspect, height)."""
+        return self.kf[POS].T
 
-    def _predict(self, dt: float) -> None:
-        if not len(self.state) or dt <= 0:
-            return
+    def _predict(self, dt: float, tracked: np.ndarray) -> None:
         k = dt / self.frame_dt  # in frames
         kf = self.kf
-        kf[self.state != TRACKED, VEL, 3] = 0.0  # ByteTrack: a track not seen keeps no height velocity
-        h = kf[:, POS, 3:4]
-        q_pos = (_WP * h * _MASK_POS + _FIXED_POS * 1e-2) ** 2  # noise of one frame: a random walk's variance grows with time
-        q_vel = (_WV * h * _MASK_POS + _FIXED_POS * 1e-5) ** 2
-        kf[:, POS] += k * kf[:, VEL]
-        kf[:, PP] += 2 * k * kf[:, PV] + k * k * kf[:, VV] + k * q_pos
-        kf[:, PV] += k * kf[:, VV]
-        kf[:, VV] += k * q_vel
+        kf[VEL, 3][~tracked] = 0.0  # ByteTrack: a track not seen keeps no height velocity
+        h2 = kf[POS, 3] ** 2  # the noise of one frame is from the height before the step
+        # mean and covariance: [pos, vel, pp, pv, vv] <- F [pos, vel, pp, pv, vv], one matrix product
+        # for every track and coordinate (pos += k vel; pp += 2k pv + k^2 vv; pv += k vv)
+        motion = self._motion
+        motion[POS, VEL] = motion[PV, VV] = k
+        motion[PP, PV], motion[PP, VV] = 2 * k, k * k
+        kf = (motion @ kf.reshape(5, -1)).reshape(kf.shape)
+        kf[PP::2] += k * (_Q_SCALE2 * h2 + _Q_FIXED2)  # pp and vv: a random walk's variance grows with time
+        self.kf = kf
 
-    def _correct(self, rows: np.ndarray, xyxy: np.ndarray) -> None:
-        if not len(rows):
-            return
-        block = self.kf[rows]
-        pos, vel, pp, pv, vv = block[:, POS], block[:, VEL], block[:, PP], block[:, PV], block[:, VV]
-        r = (_WP * pos[:, 3:4] * _MASK_POS + _FIXED_POS * 1e-1) ** 2
-        s = pp + r
-        gain_p, gain_v = pp / s, pv / s
-        innovation = _xyah(xyxy) - pos
-        vv -= pv * gain_v
-        pos += gain_p * innovation
-        vel += gain_v * innovation
-        pp *= 1 - gain_p
-        pv *= 1 - gain_p
-        self.kf[rows] = block
+    def _correct(self, gate: np.ndarray, rows: np.ndarray, z: np.ndarray) -> None:
+        """Kalman update of the tracks `rows` with their measurements `z` [4, len(rows)]. Computed for
+        every track (whole arrays cost less than a gather and a scatter): `gate` is 1.0 on the rows, 0.0
+        elsewhere, and a zero gain leaves a track as it was."""
+        kf = self.kf
+        pos, pp = kf[POS], kf[PP]
+        inverse = gate / (pp + (_R_SCALE2 * pos[3] ** 2 + _R_FIXED2))  # 1 / (pp + r), 0 where no measurement
+        measured = pos.copy()  # innovation 0 where no measurement
+        measured[:, rows] = z
+        innovation = measured - pos
+        # gains: position pp / s, velocity pv / s; the covariance loses (pp, pv, vv) -= (pp pp, pp pv, pv pv) / s
+        kf[POS:PP] += kf[PP:VV] * (inverse * innovation)
+        kf[PP:] -= kf[_COV_LEFT] * kf[_COV_RIGHT] * inverse
 
-    def _add(self, xyxy: np.ndarray, class_ids: np.ndarray, t: float, state: int) -> np.ndarray:
-        """Start tracks at these boxes; returns their rows."""
-        n = len(xyxy)
-        z = _xyah(xyxy)
-        h = z[:, 3:4]
-        pp = (2 * _WP * h * _MASK_POS + _FIXED_POS * 1e-2) ** 2
-        vv = (10 * _WV * h * _MASK_POS + _FIXED_POS * 1e-5) ** 2
+    def _add(self, z: np.ndarray, class_ids: np.ndarray, t: float, state: int) -> np.ndarray:
+        """Start tracks at measurements `z` [4, n] (cx, cy, aspect, height); returns their rows."""
+        n = z.shape[1]
+        h = z[3]
         first = len(self.state)
         ids = np.full(n, -1, np.int64)
         if state == TRACKED:
@@ -167,42 +197,28 @@ class ByteTracker:
         self.ids = np.concatenate((self.ids, ids))
         self.state = np.concatenate((self.state, np.full(n, state, np.int8)))
         self.class_ids = np.concatenate((self.class_ids, class_ids.astype(np.int32)))
-        block = np.zeros((n, 5, 4))
-        block[:, POS], block[:, PP], block[:, VV] = z, pp, vv
-        self.kf = np.concatenate((self.kf, block))
+        block = np.zeros((5, 4, n))
+        block[POS] = z
+        block[PP] = (2 * _WP * h * _MASK_POS + _FIXED_POS * 1e-2) ** 2
+        block[VV] = (10 * _WV * h * _MASK_POS + _FIXED_POS * 1e-5) ** 2
+        self.kf = np.concatenate((self.kf, block), axis=2)
         self.start = np.concatenate((self.start, np.full(n, t)))
         self.seen = np.concatenate((self.seen, np.full(n, t)))
         return np.arange(first, first + n)
 
     def _keep(self, mask: np.ndarray) -> None:
-        for name in ("ids", "state", "class_ids", "kf", "start", "seen"):
+        for name in ("ids", "state", "class_ids", "start", "seen"):
             setattr(self, name, getattr(self, name)[mask])
+        self.kf = self.kf[:, :, mask]
 
-    @staticmethod
-    def _associate(tracks: np.ndarray, dets: np.ndarray, similarity: np.ndarray, scores: np.ndarray, thresh: float,
-                   fuse: bool):
-        """Match track rows `tracks` with detection indices `dets` (`similarity`: IoU of every track with
-        every detection, 0 across classes): (track rows, det indices) matched, and the unmatched of each."""
-        if not len(tracks) or not len(dets):
-            return tracks[:0], dets[:0], tracks, dets
-        sim = similarity[tracks][:, dets]
-        if fuse:
-            sim = sim * scores[dets]
-        r, c = _match(1.0 - sim, thresh)
-        rest_t = np.ones(len(tracks), bool)
-        rest_t[r] = False
-        rest_d = np.ones(len(dets), bool)
-        rest_d[c] = False
-        return tracks[r], dets[c], tracks[rest_t], dets[rest_d]
-
-    def _drop_duplicates(self, alive: np.ndarray) -> None:
+    def _drop_duplicates(self, alive: np.ndarray, lost: np.ndarray) -> None:
         """ByteTrack's last step: a current track and a lost one of the same class on the same place
-        (IoU > 0.85) are one object twice; the one followed for less time goes."""
-        current = np.flatnonzero(alive & (self.state != LOST))
-        lost = np.flatnonzero(alive & (self.state == LOST))
+        (IoU > 0.85) are one object twice; the one followed for less time goes. `lost`: a mask."""
+        current = (alive & ~lost).nonzero()[0]
+        lost = (alive & lost).nonzero()[0]
         if not len(current) or not len(lost):
             return
-        boxes = _xyxy(self.pos)
+        boxes = _xyxy(self.kf[POS])
         same = self.class_ids[current][:, None] == self.class_ids[lost][None, :]
         pairs = np.argwhere((iou_matrix(boxes[current], boxes[lost]) > 0.85) & same)
         followed = self.seen - self.start
@@ -224,6 +240,10 @@ class ByteTracker:
         Returns the same detections, same order, with `track_ids` (-1: not part of a confirmed track)
         and `track_ages` (seconds since the track's first detection).
         """
+        # Cost: with a few dozen objects each numpy call's fixed overhead outweighs its arithmetic,
+        # so the frame is done in as few calls as it can be: whole arrays, coordinate-major; the
+        # three associations price out the pairs they may not use in the frame's one IoU matrix
+        # instead of cutting sub-matrices; steps with nothing to do are skipped.
         self.ended = []
         t = float(timestamp)
         if self.last_time is not None and t < self.last_time:
@@ -237,72 +257,128 @@ class ByteTracker:
             self._dt_count += 1
             if self._dt_count <= _DT_WINDOW or self._dt_count % 16 == 0:  # a median now and then is enough
                 self.frame_dt = float(np.median(self._dts[:min(self._dt_count, _DT_WINDOW)]))
-        self._predict(dt)
+        state = self.state
+        n_tracks = len(state)
+        tracked = state == TRACKED  # as the frame found them
+        new = state == NEW
+        n_new = np.count_nonzero(new)
+        if n_tracks and dt > 0:
+            self._predict(dt, tracked)
         self.last_time = t
 
-        boxes = np.asarray(detections.xyxy, np.float64).reshape(-1, 4)
+        boxes = np.asarray(detections.xyxy, np.float64).reshape(-1, 4).T  # [4, n]: x1, y1, x2, y2
         scores = np.asarray(detections.scores, np.float64)
         class_ids = np.asarray(detections.class_ids, np.int32)
         n = len(scores)
         if self.classes is not None:
             scores = np.where(np.isin(class_ids, self.classes), scores, -1.0)  # other classes: below every threshold
-        high = np.flatnonzero(scores >= self.high)
-        low = np.flatnonzero((scores >= self.low) & (scores < self.high))
+        high = scores >= self.high
+        n_high = np.count_nonzero(high)
         det_row = np.full(n, -1, np.int64)  # the track row each detection went to
+        confirm = det_row[:0]
+        size = boxes[2:] - boxes[:2]  # width, height
+        z = np.concatenate(((boxes[:2] + boxes[2:]) * 0.5, size))  # as measurements: cx, cy, aspect, height
+        np.maximum(z[3], 1e-3, out=z[3])
+        z[2] /= z[3]
 
-        # one IoU matrix for the whole frame; a track never matches a detection of another class
-        similarity = iou_matrix(_xyxy(self.pos), boxes) if len(self.state) and n else np.zeros((len(self.state), n))
-        similarity[self.class_ids[:, None] != class_ids[None, :]] = 0.0
-        rows = np.arange(len(self.state))
-        was_tracked = self.state == TRACKED
-        # 1. high-score detections with confirmed and lost tracks
-        pool = rows[self.state != NEW]
-        mt, md, rest_t, rest_high = self._associate(pool, high, similarity, scores, self.match_thresh,
-                                                    self.fuse_score)
-        det_row[md] = mt
-        # 2. low-score detections with the confirmed tracks still unmatched
-        rest_tracked = rest_t[was_tracked[rest_t]]
-        mt2, md2, unmatched, _ = self._associate(rest_tracked, low, similarity, scores, 0.5, False)
-        det_row[md2] = mt2
-        # 3. tracks seen once so far with the high-score detections left
-        unconfirmed = rows[self.state == NEW]
-        mt3, md3, dead_new, rest_high = self._associate(unconfirmed, rest_high, similarity, scores, 0.7,
-                                                        self.fuse_score)
-        det_row[md3] = mt3
+        if n_tracks and n:
+            # one IoU matrix for the frame; a track never matches a detection of another class
+            pos = self.kf[POS]
+            half = pos[2:] * _HALF
+            half[0] *= pos[3]  # half width (aspect x height), half height
+            similarity = _iou(np.concatenate((half - pos[:2], pos[:2] + half)), half[0] * half[1] * 4.0,
+                              boxes * _SIGN, size[0] * size[1])
+            # (a camera tracking one class, the usual case, skips the mask: a 1-D check is cheaper)
+            one_class = class_ids[0]
+            if np.count_nonzero(class_ids != one_class) or np.count_nonzero(self.class_ids != one_class):
+                similarity[self.class_ids[:, None] != class_ids] = 0.0
+            # 1. high-score detections with confirmed and lost tracks
+            if n_high and n_tracks > n_new:
+                if self.fuse_score:  # a score of -1 prices a low-score detection out: its cost is 1 + IoU
+                    cost = 1.0 - similarity * (scores if n_high == n else np.where(high, scores, -1.0))
+                else:
+                    cost = 1.0 - similarity
+                    if n_high < n:
+                        cost[:, ~high] = _NO_MATCH
+                if n_new:
+                    cost[new] = _NO_MATCH
+                rows, cols = _match(cost, self.match_thresh)
+                det_row[cols] = rows
+            else:
+                rows = det_row[:0]
+            # 2. low-score detections with the confirmed tracks still unmatched
+            # (few on both sides: a sub-matrix is cheaper than pricing out the whole one)
+            if n_high < n:
+                low = ((scores >= self.low) & ~high).nonzero()[0]
+                open_tracks = tracked.copy()
+                open_tracks[rows] = False
+                open_tracks = open_tracks.nonzero()[0]
+                if len(low) and len(open_tracks):
+                    rows, cols = _match(1.0 - similarity[open_tracks[:, None], low], 0.5)
+                    det_row[low[cols]] = open_tracks[rows]
+            # 3. tracks seen once so far with the high-score detections left
+            if n_new:
+                open_dets = high & (det_row < 0)
+                if np.count_nonzero(open_dets):
+                    cost = 1.0 - (similarity * scores if self.fuse_score else similarity)
+                    cost[~new] = _NO_MATCH
+                    cost[:, ~open_dets] = _NO_MATCH
+                    confirm, cols = _match(cost, 0.7)
+                    det_row[cols] = confirm
 
-        matched = np.concatenate((mt, mt2, mt3))
-        self._correct(matched, boxes[np.concatenate((md, md2, md3))])
-        self.state[matched] = TRACKED
-        self.seen[matched] = t
-        confirm = mt3  # a second sighting confirms a track: it gets its public id now
-        self.ids[confirm] = np.arange(self.next_id, self.next_id + len(confirm))
-        self.next_id += len(confirm)
-        self.state[unmatched] = LOST
+        has = det_row >= 0
+        gate = np.zeros(n_tracks)  # 1.0: matched in this frame
+        if np.count_nonzero(has):
+            matched_dets = has.nonzero()[0]
+            rows = det_row[matched_dets]
+            gate[rows] = 1.0
+            self._correct(gate, rows, z[:, matched_dets])
+            state[rows] = TRACKED
+            self.seen[rows] = t
+        unmatched = gate == 0.0
+        state[tracked & unmatched] = LOST
+        if len(confirm):  # a second sighting confirms a track: it gets its public id now
+            self.ids[confirm] = np.arange(self.next_id, self.next_id + len(confirm))
+            self.next_id += len(confirm)
 
         # 5. new tracks; the very first frame's are confirmed at once (as in ByteTrack)
-        fresh = rest_high[scores[rest_high] >= self.new]
-        if len(fresh):
-            new_rows = self._add(boxes[fresh], class_ids[fresh], t, TRACKED if self.updates == 0 else NEW)
-            det_row[fresh] = new_rows
+        fresh = det_row[:0]
+        if n_high:
+            fresh = high & ~has
+            if self.new > self.high:
+                fresh &= scores >= self.new
+            fresh = fresh.nonzero()[0]
+            if len(fresh):
+                det_row[fresh] = self._add(z[:, fresh], class_ids[fresh], t, TRACKED if self.updates == 0 else NEW)
         self.updates += 1
 
-        alive = np.ones(len(self.state), bool)
-        alive[dead_new] = False
-        alive &= ~((self.state == LOST) & (t - self.seen > self.buffer_s))
-        self._drop_duplicates(alive)
-        everyone = alive.all()
+        # tracks seen once and not again go at once; lost ones when their buffer is over
+        lost = state == LOST
+        everyone = True
+        if n_new or np.count_nonzero(lost):
+            alive = ~(new & unmatched) if n_new else np.ones(n_tracks, bool)
+            if np.count_nonzero(lost):
+                alive &= ~(lost & (t - self.seen[:n_tracks] > self.buffer_s))
+                if len(fresh):
+                    lost = np.concatenate((lost, np.zeros(len(fresh), bool)))
+            if len(fresh):
+                alive = np.concatenate((alive, np.ones(len(fresh), bool)))
+            if np.count_nonzero(lost):
+                self._drop_duplicates(alive, lost)
+            everyone = np.count_nonzero(alive) == len(alive)
         if not everyone:
             ended += [int(i) for i in self.ids[~alive & (self.ids >= 0)]]
         self.ended = ended
 
-        track_ids = np.full(n, -1, np.int64)
-        ages = np.zeros(n, np.float32)
-        has = det_row >= 0
-        rows_of = det_row[has]
-        ok = self.state[rows_of] == TRACKED
-        ids_here = np.where(ok, self.ids[rows_of], -1)
-        track_ids[has] = ids_here
-        ages[has] = np.where(ids_here >= 0, t - self.start[rows_of], 0.0)
+        if n and len(self.state):
+            # a matched track is a tracked one, so its id is the detection's (-1 for a track not confirmed);
+            # a detection with no track (row -1) reads the last row, then gets -1
+            track_ids = self.ids[det_row]
+            track_ids[det_row < 0] = -1
+            ages = (t - self.start[det_row]).astype(np.float32)
+            ages[track_ids < 0] = 0.0
+        else:
+            track_ids, ages = np.full(n, -1, np.int64), np.zeros(n, np.float32)
         if not everyone:
             self._keep(alive)
         return Detections(detections.xyxy, detections.scores, detections.class_ids, track_ids, ages)

@@ -201,3 +201,47 @@ def test_bad_tracking_config_names_the_key(override, message):
                       **override}, "x.yaml")
     assert message in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_matching_without_the_solver_finds_the_solvers_optimum():
+    # _match skips scipy when every matchable track wants a different detection; on random frames,
+    # with conflicts, pairs priced out and pairs above the threshold, it must pick what scipy picks
+    from scipy.optimize import linear_sum_assignment
+
+    from pipeline.tracking import _NO_MATCH, _match
+
+    rng = np.random.default_rng(3)
+    skipped = 0
+    for _ in range(400):
+        n, m = rng.integers(1, 12, 2)
+        cost = rng.uniform(0.0, 1.0, (n, m)) ** rng.uniform(0.3, 3.0)  # from mostly low to mostly high
+        cost[rng.random(n) < 0.2] = _NO_MATCH
+        cost[:, rng.random(m) < 0.2] = _NO_MATCH
+        thresh = float(rng.uniform(0.3, 0.8))
+        rows, cols = linear_sum_assignment(np.minimum(cost, thresh + 1e-4))
+        keep = cost[rows, cols] <= thresh
+        got = _match(cost, thresh)
+        assert list(zip(*got)) == list(zip(rows[keep], cols[keep]))
+        best = cost.argmin(1)
+        wanted = best[cost.min(1) < thresh + 1e-4]
+        skipped += len(set(wanted.tolist())) == len(wanted)
+    assert 50 < skipped < 350  # both ways were taken
+
+
+def test_subscribe_summary_shows_track_ids_and_events():
+    from run import summary_line
+    from stages.publish import to_events
+
+    config = parse_config({"cameras": [{"id": "a", "url": "a.mp4", "lines": [{"name": "door", "points": [[0, 60], [640, 60]]}]}],
+                           "model": {"path": "m.onnx", "preset": "yolox"}, "tracking": {"enabled": True}}, "x.yaml")
+    camera = tracked_cameras(config, ["person"])["a"]
+    lines = []
+    for i in range(3):  # a person walks down over the line; a weak detection stays untracked
+        frame = Frame("a", i, i / FPS, 0.0, None, (640, 480), detections=dets((10, 10 + 20 * i, 50, 50 + 20 * i, 0.9),
+                                                                                (300, 10, 340, 110, 0.2)))
+        frame.mark("track")
+        camera.process(frame)
+        lines.append(summary_line(to_message(frame, ["person"], i)))
+        lines += [summary_line(event) for event in to_events(frame, 0)]
+    assert lines[0].startswith("a frame=0 lat=") and lines[0].endswith("[person#1 0.90, person 0.20]")
+    assert "a line_crossed door in person #1" in lines
