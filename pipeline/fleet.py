@@ -45,7 +45,7 @@ import redis
 from pipeline.config import ClusterConfig, Config
 from pipeline.graph import Pipeline
 from pipeline.queues import BoundedQueue
-from stages.source import SourceStage, redact
+from stages.source import redact
 
 log = logging.getLogger("pipeline")
 
@@ -343,8 +343,7 @@ class FleetPipeline(Pipeline):
         self.owners: dict[str, dict] = {}  # camera -> {"host", "fence"}: what the publish stage stamps
         super().__init__(config, ownership=self.owners.get)
         self.index = {camera.id: i for i, camera in enumerate(config.cameras)}
-        for source in self.sources:  # each camera stops on its own (not yet started: they start when claimed)
-            source.stop_event = threading.Event()
+        # each camera has its own stop event (Pipeline._make_source); sources start when claimed
         fan_in = self.batch.inbox
         # a queue that stays open until the run stops: with no camera held, batching waits, not ends
         self.keepalive = BoundedQueue(1, name="fleet.keepalive")
@@ -352,7 +351,7 @@ class FleetPipeline(Pipeline):
         self.keepalive._listeners.append(fan_in._wake)
 
     def start(self, stop_requested: threading.Event | None = None, subscribers: int | None = None) -> None:
-        for stage in reversed(self.stages[len(self.sources):]):  # sources start when claimed
+        for stage in reversed(self.core_stages):  # sources start when claimed
             stage.start()
 
     def claim(self, camera_id: str, owner: dict) -> None:
@@ -360,15 +359,11 @@ class FleetPipeline(Pipeline):
         old = self.sources[i]
         old.stop_event.set()
         old.outbox.close()
-        camera = self.config.cameras[i]
-        queue = BoundedQueue(2 if camera.is_live else self.config.runtime.queue_size,
-                             "drop_oldest" if camera.is_live else "block", name=f"camera.{camera.id}")
-        source = SourceStage(camera, queue, threading.Event(), keep_video=self.config.letterbox_on_gpu,
-                             device=self.config.engine.device)
-        queue._on_drop = lambda _item, s=source: s.metrics.drop("queue_full")
+        source = self._make_source(self.config.cameras[i])
+        queue = source.outbox
         fan_in = self.batch.inbox
         queue._listeners.append(fan_in._wake)
-        self.sources[i] = self.stages[i] = source
+        self.sources[i] = source
         self.status.metrics[i] = source.metrics
         fan_in.queues[i] = queue
         self.owners[camera_id] = owner
