@@ -103,7 +103,7 @@ def pipeline_config(clips: list[Path], streams: int, decoder: str, port: int, ar
                   "letterbox": getattr(args, "input_shape", "rect")},
         "engine": {"kind": args.engine, "lanes": args.lanes, "max_batch": args.max_batch,
                    "batch_timeout_ms": args.batch_timeout_ms,
-                   **({"fp16": True, "cuda_graphs": True} if args.engine == "torch" else {})},
+                   **({"fp16": True, "cuda_graphs": True, "compile": args.compile} if args.engine == "torch" else {})},
         "publish": {"bind": f"tcp://127.0.0.1:{port}", "send_hwm": 100000},
         "runtime": {"status_interval_s": 5, "shutdown_deadline_s": 10, "queue_size": 8, "host_slots": args.lanes + 3,
                     "live_batches_in_flight": args.lanes + 1, "letterbox_threads": args.letterbox_threads,
@@ -315,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="instead of --workers: one worker per this many streams (rounded up)")
     parser.add_argument("--engine", default="torch", choices=["torch", "tensorrt", "onnxruntime"],
                         help="torch: fp16 + CUDA graphs; onnxruntime only to try the harness on a CPU machine")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch engine: engine.compile (inductor); artifacts cached in cache/torch, so only the first "
+                             "worker of the first count compiles (give --startup-timeout room for that)")
     parser.add_argument("--gpus", type=int, default=1, help="spread the workers over GPUs 0..N-1")
     parser.add_argument("--lanes", type=int, default=3)
     parser.add_argument("--max-batch", type=int, default=32)
@@ -360,7 +363,8 @@ def main() -> int:
              f"workers {f'1 per {args.streams_per_worker} streams' if args.streams_per_worker else args.workers} | "
              f"GPUs used {args.gpus} | "
              f"lanes {args.lanes} | max_batch {args.max_batch} | letterbox {args.letterbox} | "
-             f"{args.windows} x {args.duration:g} s windows"
+             + ("engine compiled | " if args.compile else "")
+             + f"{args.windows} x {args.duration:g} s windows"
              + (f" | {args.label}" if args.label else ""))
     header = ("| input | decoder | streams | workers | pass | fps total | fps/stream min | mean | p50 ms | p99 ms (worst) | "
               "p99 ms per window | max ms | lost | CPU cores | GPU % | NVDEC % | GPU ms/frame | infer p50 ms |")
