@@ -32,14 +32,15 @@ def batch_view(array, n: int, hw: tuple[int, int]):
     A slot is sized for the model's largest input; a batch of rectangle-letterboxed frames uses its
     first n*h*w*3 bytes (what engines copy and read), never a strided window of it.
     """
-    if tuple(array.shape[1:3]) == tuple(hw):
-        return array[:n]
     count = n * hw[0] * hw[1] * array.shape[3]
     if count > int(np.prod(array.shape)):
         raise ValueError(f"a batch of {n} x {hw[0]}x{hw[1]} does not fit a slot of {array.shape}")
     if isinstance(array, np.ndarray):
+        if tuple(array.shape[1:3]) == tuple(hw):
+            return array[:n]
         return array.reshape(-1)[:count].reshape(n, hw[0], hw[1], array.shape[3])
-    return type(array)(array.ptr, (n, hw[0], hw[1], array.shape[3]), array.dtype)  # a DeviceArray
+    # a DeviceArray (GPU letterbox): no slicing on the host, a view is the same pointer with a new shape
+    return type(array)(array.ptr, (n, hw[0], hw[1], array.shape[3]), array.dtype)
 
 
 class HostSlotPool:

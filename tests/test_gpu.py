@@ -259,6 +259,48 @@ def test_gpu_letterbox_upload_of_an_odd_sized_frame_matches_its_reference():
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("input_hw", [(416, 416), (256, 416)])
+def test_gpu_letterbox_stage_fills_a_batch_at_the_square_and_a_rectangle(input_hw):
+    """The stage itself on a two-frame batch at the slot's own square (a model that stays square,
+    or `model.letterbox: square`) and at a rectangle: both rows as their numpy twin. The square
+    once failed on every batch (a device slot cannot be sliced on the host)."""
+    import av
+
+    from pipeline import cuda
+    from pipeline.buffers import HostSlotPool
+    from pipeline.gpu_letterbox import cpu_reference, frame_matrix
+    from pipeline.model import PRESETS
+    from pipeline.queues import BoundedQueue
+    from pipeline.record import Frame, FrameBatch
+
+    from stages.letterbox import GpuLetterboxStage
+
+    cuda.set_device(0)
+    with av.open(str(PERSON_CLIP)) as clip:
+        videos = [f.reformat(format="yuv420p") for _, f in zip(range(2), clip.decode(video=0))]
+    allocator = cuda.DeviceAllocator()
+    pool = HostSlotPool(1, (2, 416, 416, 3), allocator=allocator)
+    outbox = BoundedQueue(1)
+    stage = GpuLetterboxStage(BoundedQueue(1), outbox, pool, PRESETS["yolox"], 0)
+    frames = [Frame("cam", i, None, 0.0, None, (v.width, v.height), video=v) for i, v in enumerate(videos)]
+    planes = [(np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, :p.width] for p in v.planes) for v in videos]
+    references = [(tuple(plane.copy() for plane in yuv), frame_matrix(v)) for yuv, v in zip(planes, videos)]
+    stage.process(FrameBatch(frames, input_hw=input_hw))
+    batch = outbox.get(timeout=5)
+    stage.stream.synchronize()
+    host = np.empty((2, *input_hw, 3), np.uint8)
+    cuda.copy_to_host(host, batch.slot.array.ptr, host.nbytes, stage.stream)
+    stage.stream.synchronize()
+    for row, ((y, u, v), (matrix, full)) in enumerate(references):
+        expected = cpu_reference(y, u, v, input_hw, batch.frames[row].letterbox, matrix, full)
+        diff = np.abs(host[row].astype(int) - expected.astype(int))
+        assert diff.max() <= 2 and diff.mean() < 0.05, f"row {row}: max {diff.max()}, mean {diff.mean():.3f}"
+    stage.on_stop()
+    allocator.free()
+
+
+@pytest.mark.gpu
+@gpu
 @pytest.mark.parametrize("camera,runtime", [
     ({"decoder": "nvdec"}, {}),
     ({"decoder": "cpu"}, {"letterbox_device": "gpu"}),

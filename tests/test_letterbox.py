@@ -102,3 +102,22 @@ def test_a_closed_slot_pool_stops_the_stage_instead_of_spinning():
     assert stage.join(timeout=10), "the letterbox stage is still running (spinning on the closed pool)"
     assert stage.metrics.drops["stopped"] == 1 and stage.failure is None
     assert held is not None and outbox.closed
+
+
+@pytest.mark.parametrize("hw", [(416, 416), (256, 416), (416, 256)])
+def test_batch_view_of_a_device_slot_at_the_square_and_a_rectangle(hw):
+    """The GPU letterbox's slots are DeviceArrays (a pointer and a shape; nothing to slice on the
+    host). A batch at the slot's own square once went through `array[:n]` and every such batch
+    failed (square letterbox with NVDEC or `letterbox_device: gpu` dropped every frame)."""
+    from pipeline.buffers import batch_view
+    from pipeline.cuda import DeviceArray
+
+    slot = DeviceArray(0x7000_0000, (8, 416, 416, 3), np.uint8)
+    view = batch_view(slot, 3, hw)
+    assert isinstance(view, DeviceArray)
+    assert view.ptr == slot.ptr and view.shape == (3, *hw, 3)
+    assert view.row_ptr(1) - view.ptr == hw[0] * hw[1] * 3  # rows packed at the batch's shape
+    host = batch_view(np.zeros((8, 416, 416, 3), np.uint8), 3, hw)
+    assert host.shape == view.shape and host.flags["C_CONTIGUOUS"]
+    with pytest.raises(ValueError, match="does not fit"):
+        batch_view(slot, 9, (416, 416))
