@@ -76,8 +76,8 @@ def transfers(report: list[str], data: dict) -> None:
     del rt
 
 
-def letterboxed(path: Path, count: int, allocator) -> np.ndarray:
-    frames = allocator((count, 416, 416, 3), np.uint8)
+def letterboxed(path: Path, count: int, allocator, hw: tuple[int, int] = (416, 416)) -> np.ndarray:
+    frames = allocator((count, *hw, 3), np.uint8)
     with av.open(str(path)) as container:
         for i, frame in enumerate(container.decode(video=0)):
             if i == count:

@@ -5,6 +5,8 @@ largest score difference from fp32 on the demo clip.
 
     python bench/engine_variants.py [--batches 32,64] [--out bench/results]
     python bench/engine_variants.py --startup-only --cache-dir DIR   (one compiled start, timed)
+    python bench/engine_variants.py --input-shapes 416x416,256x416 --variants "compiled fp16, all layers"
+        (GPU time a frame at the square and at the 16:9 rectangle the rect letterbox gives 1080p cameras)
 """
 
 from __future__ import annotations
@@ -41,9 +43,11 @@ VARIANTS = {  # name: TorchEngine options (CUDA graphs always on)
 }
 
 
-def start(prepared, max_batch: int, options: dict, cache_dir: Path):
+def start(prepared, max_batch: int, options: dict, cache_dir: Path, shapes: list[tuple[int, int]] | None = None):
     started = time.perf_counter()
     engine = TorchEngine(prepared, max_batch, cuda_graphs=True, cache_dir=cache_dir, **options)
+    if shapes:
+        engine.warm_shapes = shapes
     lanes = LaneSet(engine, 1)  # warms (compiles, captures) every bucket
     return engine, lanes, time.perf_counter() - started
 
@@ -80,6 +84,8 @@ def main() -> int:
     parser.add_argument("--variants", default=";".join(VARIANTS), help="names separated by ;")
     parser.add_argument("--startup-only", action="store_true")
     parser.add_argument("--cache-dir", type=Path)
+    parser.add_argument("--input-shapes", default="416x416",
+                        help="HxW input shapes to time each variant at (a rectangle needs the shape-dynamic model)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     if args.startup_only:
@@ -88,20 +94,31 @@ def main() -> int:
 
     card = torch.cuda.get_device_name()
     batches = [int(b) for b in args.batches.split(",")]
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.input_shapes.split(",")]
     images = letterboxed(CLIP, args.frames, np.empty)
-    prepared = prepare_model(MODEL, "yolox", want_batch=args.max_batch)
+    shaped = {hw: images if hw == (416, 416) else letterboxed(CLIP, args.frames, np.empty, hw) for hw in shapes}
+    prepared = prepare_model(MODEL, "yolox", want_batch=args.max_batch,
+                             letterbox="rect" if any(hw != (416, 416) for hw in shapes) else "square")
+    many = len(shapes) > 1
+    columns = [(b, hw) for hw in shapes for b in batches]
+
+    def column(b: int, hw: tuple[int, int]) -> str:
+        return f"b{b} {hw[0]}x{hw[1]}" if many else f"b{b}"
     lines = [f"## Engine alone: YOLOX-Nano 416, {card}, {datetime.date.today()}, commit {commit()}", "",
              "CUDA graphs on; GPU us/frame = median compute time of a batch on 1 lane / batch; lanes fps = 3 lanes "
              "back to back; score diff = largest |score - the first row's| on anchors the first row scores >= 0.25 "
              f"({args.frames} demo frames); start-up = engine + warm-up of every batch bucket up to {args.max_batch}.", "",
-             "| variant | start-up s | " + " | ".join(f"GPU us/frame b{b} | 3-lane fps b{b}" for b in batches)
+             "| variant | start-up s | " + " | ".join(f"GPU us/frame {column(b, hw)} | 3-lane fps {column(b, hw)}"
+                                                   for b, hw in columns)
              + " | max score diff | > 0.02 |",
-             "| --- | --- | " + " | ".join("--- | ---" for _ in batches) + " | --- | --- |"]
+             "| --- | --- | " + " | ".join("--- | ---" for _ in columns) + " | --- | --- |"]
     record = {"date": str(datetime.date.today()), "card": card, "commit": commit(), "variants": {}}
     reference = None
+    ratios: list[str] = []
     with tempfile.TemporaryDirectory() as cache:
         for name in args.variants.split(";"):
-            engine, lanes, seconds = start(prepared, args.max_batch, VARIANTS[name], Path(cache) / name.replace(" ", "_"))
+            engine, lanes, seconds = start(prepared, args.max_batch, VARIANTS[name], Path(cache) / name.replace(" ", "_"),
+                                           shapes)
             result = {"startup_s": seconds, "compiled": getattr(engine, "compiled", False)}
             s = scores(lanes, images, 32)
             if reference is None:
@@ -110,15 +127,21 @@ def main() -> int:
             diff = np.abs(s - reference)[mask]
             lanes.close()
             cells = []
-            for b in batches:
-                _, timings = run_lanes(engine, 1, images, b, rounds=3)
+            for b, hw in columns:
+                _, timings = run_lanes(engine, 1, shaped[hw], b, rounds=3)
                 us = statistics.median(t.compute_end - t.h2d_end for t in timings) * 1000 / b
-                fps, _ = run_lanes(engine, 3, images, b, rounds=3)
+                fps, _ = run_lanes(engine, 3, shaped[hw], b, rounds=3)
                 cells += [f"{us:.0f}", f"{fps:.0f}"]
-                result[f"b{b}"] = {"gpu_us_per_frame": us, "lanes3_fps": fps}
+                result[column(b, hw)] = {"gpu_us_per_frame": us, "lanes3_fps": fps}
+            if many:
+                base = result[column(batches[0], shapes[0])]["gpu_us_per_frame"]
+                result["ratios"] = {column(batches[0], hw): base / result[column(batches[0], hw)]["gpu_us_per_frame"]
+                                    for hw in shapes[1:]}
             result.update(max_diff=float(diff.max()), over_002=int((diff > 0.02).sum()))
             lines.append(f"| {name} | {seconds:.1f} | " + " | ".join(cells) + f" | {diff.max():.4f} | {(diff > 0.02).sum()} |")
             print(lines[-1], flush=True)
+            for shape, ratio in result.get("ratios", {}).items():
+                ratios.append(f"{name}: GPU time a frame {shapes[0][0]}x{shapes[0][1]} / {shape} = **{ratio:.2f}x**")
             record["variants"][name] = result
             engine.close()
             del engine
@@ -131,6 +154,8 @@ def main() -> int:
             lines += ["", f"Compiled start-up in a fresh process with an empty inductor cache: {cold:.1f} s without "
                       f"cached artifacts, {warm:.1f} s with them (`engine.compile_cache_dir`)."]
             record["startup"] = {"cold_s": cold, "cached_s": warm}
+    if ratios:
+        lines += [""] + [f"- {r}" for r in ratios]
     markdown = "\n".join(lines)
     print(markdown)
     append_results(args.out, "gpu", markdown, record)
