@@ -130,18 +130,27 @@ class PyTritonServer:
             except OSError:
                 pass
 
-    def _shared_memory_files(self) -> list[Path]:
-        """/dev/shm files the server's processes map, except the pipeline's own regions (vapipe_*,
-        registered with the server: their owner unlinks them)."""
+    def _group(self) -> list[Path]:
+        """/proc entries of the server's processes (its process group)."""
         import os
 
-        found = set()
+        found = []
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit():
                 continue
             try:
-                if os.getpgid(int(proc.name)) != self.process.pid:
-                    continue
+                if os.getpgid(int(proc.name)) == self.process.pid:
+                    found.append(proc)
+            except (OSError, ProcessLookupError):
+                continue
+        return found
+
+    def _shared_memory_files(self) -> list[Path]:
+        """/dev/shm files the server's processes map, except the pipeline's own regions (vapipe_*,
+        registered with the server: their owner unlinks them)."""
+        found = set()
+        for proc in self._group():
+            try:
                 maps = (proc / "maps").read_text()
             except (OSError, ProcessLookupError):
                 continue
@@ -152,12 +161,22 @@ class PyTritonServer:
         return sorted(found)
 
     def freeze(self) -> None:
-        """SIGSTOP to the whole group: a server that hangs (its connections stay open, nothing answers)."""
+        """SIGSTOP to the tritonserver process: a server that hangs (its connections stay open, nothing
+        answers). A real Triton runs the model in that process (the onnxruntime backend), so stopping
+        it is what a hung server is. PyTriton's Python-backend stubs and its proxy processes are left
+        running: stopped together with it under load they do not come back (a stub's call to PyTriton's
+        tensor store fails with BrokenPipe after SIGCONT, then tritonserver aborts on a
+        boost::interprocess::lock_exception), which turns the hang into a crash of the test server."""
         import os
         import signal
 
-        if self.process is not None:
-            os.killpg(self.process.pid, signal.SIGSTOP)
+        if self.process is None:
+            return
+        servers = [int(p.name) for p in self._group() if _comm(p) == "tritonserver"]
+        if not servers:
+            raise RuntimeError("PyTriton server: no tritonserver process to freeze")
+        for pid in servers:
+            os.kill(pid, signal.SIGSTOP)
 
     def thaw(self) -> None:
         import os
@@ -180,6 +199,13 @@ class PyTritonServer:
         except subprocess.TimeoutExpired:
             pass
         self.kill()
+
+
+def _comm(proc: Path) -> str:
+    try:
+        return (proc / "comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def _drain(stream, log: Path) -> None:
