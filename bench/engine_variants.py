@@ -84,6 +84,8 @@ def main() -> int:
     parser.add_argument("--variants", default=";".join(VARIANTS), help="names separated by ;")
     parser.add_argument("--startup-only", action="store_true")
     parser.add_argument("--cache-dir", type=Path)
+    parser.add_argument("--no-startup", action="store_true",
+                        help="skip timing the compiled start-up (two more compiles in fresh processes)")
     parser.add_argument("--input-shapes", default="416x416",
                         help="HxW input shapes to time each variant at (a rectangle needs the shape-dynamic model)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -147,7 +149,7 @@ def main() -> int:
             del engine
             torch.cuda.empty_cache()
         # compiled start-up: cold (empty caches) and from our cached artifacts, each in a fresh process
-        if any("compiled" in n for n in args.variants.split(";")):
+        if any("compiled" in n for n in args.variants.split(";")) and not args.no_startup:
             cache_dir = Path(cache) / "startup"
             cold = timed_start(cache_dir, args.max_batch)
             warm = timed_start(cache_dir, args.max_batch)
