@@ -171,7 +171,9 @@ def scene(n: int, frames: int, fps: float, seed: int = 0):
                                   np.zeros(n, np.int32))
 
 
-REFERENCE = "5d720fd"  # the tracker as first merged (0.36 ms in its own runs here), timed beside ours in each run
+# timed beside ours in each run: the tracker as first merged (0.36 ms in its own runs here) and the
+# last numpy-only one (0.33-0.44 ms), before the numba kernels
+REFERENCE = "5d720fd,f81b5df"
 
 
 def reference_tracker(commit_id: str):
@@ -192,7 +194,7 @@ def reference_tracker(commit_id: str):
     return module.ByteTracker
 
 
-def cost(objects: int, frames: int, rounds: int, reference: str) -> dict:
+def cost(objects: int, frames: int, rounds: int, references: list[str]) -> dict:
     import supervision as sv
 
     fps = 30.0
@@ -209,10 +211,11 @@ def cost(objects: int, frames: int, rounds: int, reference: str) -> dict:
         return seconds[warm:]
 
     # ours and the reference in turns, a fresh tracker each round: load that comes and goes hits both
-    old = reference_tracker(reference)
     variants = {"ours: tracker": ByteTracker}
-    if old is not None:
-        variants[f"reference: the tracker at {reference}"] = old
+    for reference in references:
+        old = reference_tracker(reference)
+        if old is not None:
+            variants[f"reference: the tracker at {reference}"] = old
     for name in variants:
         out[name] = []
     for _ in range(rounds):
@@ -311,8 +314,8 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=5, help="noise seeds per sequence and level")
     parser.add_argument("--objects", type=int, default=50)
     parser.add_argument("--cost-frames", type=int, default=2000)
-    parser.add_argument("--cost-rounds", type=int, default=5, help="rounds of ours and the reference, in turns")
-    parser.add_argument("--reference", default=REFERENCE, help="commit whose tracker is timed beside ours")
+    parser.add_argument("--cost-rounds", type=int, default=5, help="rounds of ours and the references, in turns")
+    parser.add_argument("--reference", default=REFERENCE, help="commits (comma-separated) whose trackers are timed beside ours")
     parser.add_argument("--frames", type=int, default=400, help="demo clip frames for the pipeline comparison")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--parts", default="same,accuracy,cost,pipeline",
@@ -325,7 +328,7 @@ def main() -> int:
     load_before = os.getloadavg()
     same = same_outputs(args.same_as, args.seeds) if "same" in parts else None
     acc = accuracy(args.seeds) if "accuracy" in parts else None
-    costs = cost(args.objects, args.cost_frames, args.cost_rounds, args.reference) if "cost" in parts else None
+    costs = cost(args.objects, args.cost_frames, args.cost_rounds, args.reference.split(",")) if "cost" in parts else None
     pipe = pipeline_fps(args.frames, args.repeat) if "pipeline" in parts else None
     load_after = os.getloadavg()
 
@@ -360,7 +363,7 @@ def main() -> int:
     if costs is not None:
         ours_ms = costs["ours: tracker"]["median_ms"]
         lines += [f"**Cost** a frame, one camera, {args.objects} objects, {args.cost_frames} frames ({args.cost_rounds} rounds "
-                  f"of ours and the reference in turns):", "",
+                  f"of ours and the references in turns):", "",
                   "| what | median ms | p90 ms | ours / this |", "| --- | --- | --- | --- |"]
         for name, c in costs.items():
             ratio = f"{ours_ms / c['median_ms']:.2f}" if "numpy add" not in name else ""
