@@ -125,11 +125,15 @@ def _load_kernels():
         from pipeline import tracking_kernels
 
         _kernels = tracking_kernels
+        # two walkers A and B; B's score sags once; C is new, confirmed, then lost; D is seen once and
+        # dropped (a track ends: the state shrinks); the types here are the only ones update passes
+        a, b, c, d = ((0, 0, 10, 20, 0.9), (30, 0, 40, 20, 0.9), (60, 0, 70, 20, 0.9), (90, 0, 100, 20, 0.9))
+        weak_b = (30, 0, 40, 20, 0.3)
         warm = ByteTracker(track_high_thresh=0.5)
-        for i, score in enumerate((0.9, 0.3, 0.9, 0.9)):  # a low-score detection, then a new track
-            boxes = np.array([[0, 0, 10, 20], [1 + i, 0, 11 + i, 20], [50, 50, 60, 70 + i]], np.float32)
-            warm.update(Detections(boxes[:2 + (i > 1)], np.array([0.9, score, 0.9][:2 + (i > 1)], np.float32),
-                                   np.zeros(2 + (i > 1), np.int32)), i / 25)
+        for i, rows in enumerate(([a, b], [a, weak_b], [a, b, c], [a, b, c], [a, b], [a, b, d], [a, b])):
+            boxes = np.array(rows, np.float64) + (i, 0, i, 0, 0)
+            warm.update(Detections(boxes[:, :4].astype(np.float32), boxes[:, 4].astype(np.float32),
+                                   np.zeros(len(rows), np.int32)), i / 25)
     return _kernels
 
 
@@ -206,7 +210,7 @@ class ByteTracker:
     def _keep(self, mask: np.ndarray) -> None:
         for name in ("ids", "state", "class_ids", "start", "seen"):
             setattr(self, name, getattr(self, name)[mask])
-        self.kf = self.kf[:, :, mask]
+        self.kf = np.ascontiguousarray(self.kf[:, :, mask])  # (indexing the last axis leaves it strided)
 
     def _drop_duplicates(self, alive: np.ndarray, lost: np.ndarray) -> None:
         """ByteTrack's last step: a current track and a lost one of the same class on the same place
@@ -261,9 +265,10 @@ class ByteTracker:
         n_new = np.count_nonzero(new)
         self.last_time = t
 
-        xyxy = np.asarray(detections.xyxy, np.float64).reshape(-1, 4)
-        scores = np.asarray(detections.scores, np.float64)
-        class_ids = np.asarray(detections.class_ids, np.int32)
+        # contiguous, of fixed types: a kernel called with other types or layouts would compile again
+        xyxy = np.ascontiguousarray(detections.xyxy, np.float64).reshape(-1, 4)
+        scores = np.ascontiguousarray(detections.scores, np.float64)
+        class_ids = np.ascontiguousarray(detections.class_ids, np.int32)
         n = len(scores)
         if self.classes is not None:
             scores = np.where(np.isin(class_ids, self.classes), scores, -1.0)  # other classes: below every threshold
