@@ -143,8 +143,10 @@ class ByteTracker:
     def __init__(self, track_high_thresh: float = 0.25, track_low_thresh: float = 0.1, new_track_thresh: float = 0.25,
                  match_thresh: float = 0.8, lost_track_buffer_s: float = 1.0, fuse_score: bool = True,
                  classes: list[int] | None = None):
-        self.high, self.low, self.new = track_high_thresh, track_low_thresh, new_track_thresh
-        self.match_thresh, self.buffer_s, self.fuse_score = match_thresh, lost_track_buffer_s, fuse_score
+        # floats and a bool whatever was given: the kernels take them, and other types would compile again
+        self.high, self.low, self.new = float(track_high_thresh), float(track_low_thresh), float(new_track_thresh)
+        self.match_thresh, self.buffer_s = float(match_thresh), float(lost_track_buffer_s)
+        self.fuse_score = bool(fuse_score)
         self.classes = None if classes is None else np.asarray(classes, np.int32)
         self.next_id = 1
         self.last_time: float | None = None

@@ -236,7 +236,7 @@ def test_the_compiled_kernels_compile_once_whatever_the_input_and_settings():
     from pipeline import tracking
 
     a, b, c = walker(0, 100, 80, 0), walker(600, 100, -80, 0), walker(300, 300, 0, -40)
-    for settings in ({}, {"fuse_score": False}, {"classes": [0]}, {"lost_track_buffer_s": 0.1}):
+    for settings in ({}, {"fuse_score": 0}, {"classes": [0]}, {"lost_track_buffer_s": 0.1}, {"track_low_thresh": 0}):
         tracker = ByteTracker(**settings)
         for i in list(range(30)) + list(range(10)):  # the clock goes back once
             t = i / FPS
