@@ -12,11 +12,16 @@
    however busy the machine is.
 3. Pipeline: the real pipeline on the demo clip with tracking off and on (and a counting line),
    interleaved rounds, median fps of each and their ratio.
+4. Same outputs: our tracker and the tracker at --same-as (read from git) on the accuracy inputs, the
+   cost scene and a scene of three classes with dropped frames and a clock that goes back, under
+   several settings: the same track ids, ages and ended tracks every frame, or the first frame that
+   differs. A faster tracker must pass this against the one it replaces.
 
 Needs `pip install -r requirements-bench.txt` (motmetrics, supervision < 0.30: its ByteTrack was
 removed in 0.30). Prints a table and appends it to bench/results/tracking.md and .jsonl.
 
     python bench/tracking.py [--seeds 3] [--cost-frames 2000] [--frames 600] [--repeat 3]
+    python bench/tracking.py --parts same --same-as COMMIT
 """
 
 from __future__ import annotations
@@ -166,7 +171,9 @@ def scene(n: int, frames: int, fps: float, seed: int = 0):
                                   np.zeros(n, np.int32))
 
 
-REFERENCE = "5d720fd"  # the tracker as first merged (0.36 ms in its own runs here), timed beside ours in each run
+# timed beside ours in each run: the tracker as first merged (0.36 ms in its own runs here) and the
+# last numpy-only one (0.33-0.44 ms), before the numba kernels
+REFERENCE = "5d720fd,f81b5df"
 
 
 def reference_tracker(commit_id: str):
@@ -187,7 +194,7 @@ def reference_tracker(commit_id: str):
     return module.ByteTracker
 
 
-def cost(objects: int, frames: int, rounds: int, reference: str) -> dict:
+def cost(objects: int, frames: int, rounds: int, references: list[str]) -> dict:
     import supervision as sv
 
     fps = 30.0
@@ -204,10 +211,11 @@ def cost(objects: int, frames: int, rounds: int, reference: str) -> dict:
         return seconds[warm:]
 
     # ours and the reference in turns, a fresh tracker each round: load that comes and goes hits both
-    old = reference_tracker(reference)
     variants = {"ours: tracker": ByteTracker}
-    if old is not None:
-        variants[f"reference: the tracker at {reference}"] = old
+    for reference in references:
+        old = reference_tracker(reference)
+        if old is not None:
+            variants[f"reference: the tracker at {reference}"] = old
     for name in variants:
         out[name] = []
     for _ in range(rounds):
@@ -227,6 +235,53 @@ def cost(objects: int, frames: int, rounds: int, reference: str) -> dict:
     out["reference: one numpy add of 50x4 floats"] = timed(lambda d, t: a + a)
     return {name: {"median_ms": statistics.median(s) * 1000, "p90_ms": float(np.percentile(s, 90)) * 1000}
             for name, s in out.items()}
+
+
+SAME_AS = "f81b5df"  # the last numpy-only tracker, before the numba kernels
+
+
+def classes_scene(seed: int, frames: int = 600):
+    """The cost scene with three classes, one detection in ten missed, one frame in ten dropped, and
+    the clock going back 5 s at frame 400 (a file that loops): (timestamp, Detections) a frame."""
+    rng = np.random.default_rng(seed)
+    for i, (t, dets) in enumerate(scene(40, frames, 30.0, seed)):
+        keep = rng.random(len(dets.scores)) > 0.1
+        if rng.random() < 0.1:
+            continue
+        classes = (np.arange(len(dets.scores)) % 3).astype(np.int32)
+        yield (t if i < 400 else t - 5.0), Detections(dets.xyxy[keep], dets.scores[keep], classes[keep])
+
+
+def same_outputs(commit_id: str, seeds: int) -> list[dict]:
+    """Ours against the tracker at `commit_id`, frame by frame: a row an input (and settings)."""
+    old = reference_tracker(commit_id)
+    if old is None:
+        raise SystemExit(f"error: cannot read pipeline/tracking.py at {commit_id} with git")
+    inputs = []
+    for level_name, level in NOISE.items():
+        for seq, fps in SEQUENCES.items():
+            gt = load_gt(seq)
+            for seed in range(seeds):
+                inputs.append((f"{seq}, {level_name} noise, seed {seed}", {},
+                               [(f / fps, d) for f, d in noisy(gt, level, seed).items()]))
+    for seed in range(3):
+        inputs.append((f"cost scene, 50 objects, seed {seed}", {}, list(scene(50, 2000, 30.0, seed))))
+    for settings in ({}, {"fuse_score": False}, {"classes": [0, 2]}, {"track_high_thresh": 0.5, "new_track_thresh": 0.6},
+                     {"match_thresh": 0.9, "lost_track_buffer_s": 0.3}):
+        for seed in range(2):
+            inputs.append((f"three classes, drops, clock back, seed {seed}", settings, list(classes_scene(seed))))
+    rows = []
+    for name, settings, frames in inputs:
+        a, b = ByteTracker(**settings), old(**settings)
+        differs = None
+        for i, (t, dets) in enumerate(frames):
+            x, y = a.update(dets, t), b.update(dets, t)
+            if not (np.array_equal(x.track_ids, y.track_ids) and np.array_equal(x.track_ages, y.track_ages)
+                    and a.ended == b.ended):
+                differs = i
+                break
+        rows.append({"input": name, "settings": settings, "frames": len(frames), "first_difference": differs})
+    return rows
 
 
 def pipeline_fps(frames: int, repeat: int) -> dict:
@@ -259,19 +314,21 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=5, help="noise seeds per sequence and level")
     parser.add_argument("--objects", type=int, default=50)
     parser.add_argument("--cost-frames", type=int, default=2000)
-    parser.add_argument("--cost-rounds", type=int, default=5, help="rounds of ours and the reference, in turns")
-    parser.add_argument("--reference", default=REFERENCE, help="commit whose tracker is timed beside ours")
+    parser.add_argument("--cost-rounds", type=int, default=5, help="rounds of ours and the references, in turns")
+    parser.add_argument("--reference", default=REFERENCE, help="commits (comma-separated) whose trackers are timed beside ours")
     parser.add_argument("--frames", type=int, default=400, help="demo clip frames for the pipeline comparison")
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--parts", default="accuracy,cost,pipeline",
-                        help="comma-separated: accuracy, cost, pipeline (e.g. cost alone when the machine is quiet)")
+    parser.add_argument("--parts", default="same,accuracy,cost,pipeline",
+                        help="comma-separated: same, accuracy, cost, pipeline (e.g. cost alone when the machine is quiet)")
+    parser.add_argument("--same-as", default=SAME_AS, help="commit whose tracker must give the same outputs as ours")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
 
     load_before = os.getloadavg()
+    same = same_outputs(args.same_as, args.seeds) if "same" in parts else None
     acc = accuracy(args.seeds) if "accuracy" in parts else None
-    costs = cost(args.objects, args.cost_frames, args.cost_rounds, args.reference) if "cost" in parts else None
+    costs = cost(args.objects, args.cost_frames, args.cost_rounds, args.reference.split(",")) if "cost" in parts else None
     pipe = pipeline_fps(args.frames, args.repeat) if "pipeline" in parts else None
     load_after = os.getloadavg()
 
@@ -281,6 +338,15 @@ def main() -> int:
              f"Shared, busy machine: 1-minute load average {load_before[0]:.1f} at the start, {load_after[0]:.1f} at the "
              f"end (2 cores); other engineers' test suites ran meanwhile. Variants are compared inside this run.",
              ""]
+    if same is not None:
+        differ = [r for r in same if r["first_difference"] is not None]
+        lines += [f"**Same outputs** as the tracker at {args.same_as} (track ids, ages and ended tracks, every frame): "
+                  f"{len(same) - len(differ)} of {len(same)} inputs, {sum(r['frames'] for r in same)} frames "
+                  f"({'met' if not differ else 'MISSED'}: accuracy inputs, the cost scene, three classes with drops "
+                  "and a clock that goes back under five settings)", ""]
+        lines += [f"- differs: {r['input']} {r['settings'] or ''} from frame {r['first_difference']}" for r in differ]
+        if differ:
+            lines.append("")
     if acc is not None:
         lines += [f"**Accuracy** (motmetrics, IoU >= 0.5): {', '.join(SEQUENCES)} ground truth turned into detections, "
                   f"{args.seeds} seeds each; both trackers with their defaults at 25 fps on the same input.",
@@ -297,7 +363,7 @@ def main() -> int:
     if costs is not None:
         ours_ms = costs["ours: tracker"]["median_ms"]
         lines += [f"**Cost** a frame, one camera, {args.objects} objects, {args.cost_frames} frames ({args.cost_rounds} rounds "
-                  f"of ours and the reference in turns):", "",
+                  f"of ours and the references in turns):", "",
                   "| what | median ms | p90 ms | ours / this |", "| --- | --- | --- | --- |"]
         for name, c in costs.items():
             ratio = f"{ours_ms / c['median_ms']:.2f}" if "numpy add" not in name else ""
@@ -321,6 +387,7 @@ def main() -> int:
     if not args.no_save:
         record = {"date": stamp, "machine": machine(), "commit": commit(), "load": [load_before, load_after],
                   "parts": sorted(parts), "noise": NOISE, "seeds": args.seeds,
+                  "same_as": args.same_as if same is not None else None, "same": same,
                   "accuracy": {f"{level}/{name}": m for (level, name), m in (acc or {}).items()},
                   "cost": costs, "objects": args.objects, "pipeline": pipe}
         append_results(ROOT / "bench" / "results", "tracking", table, record)

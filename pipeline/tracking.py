@@ -24,6 +24,8 @@ arrays, one row a track, so the cost grows little with the number of objects.
 
 from __future__ import annotations
 
+import statistics
+
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
@@ -45,7 +47,9 @@ _Q_FIXED2 = np.stack((_FIXED_POS * 1e-2, _FIXED_POS * 1e-5)) ** 2
 _R_SCALE2 = (_WP * _MASK_POS) ** 2
 _R_FIXED2 = (_FIXED_POS * 1e-1) ** 2
 _HALF = np.full((2, 1), 0.5)
-_COV_LEFT, _COV_RIGHT = [PP, PP, PV], [PP, PV, PV]  # the covariance update's products, see _correct
+# the same, one value a coordinate, as the kernels take them
+_Q_SCALE2_C, _Q_FIXED2_C = _Q_SCALE2[:, :, 0].copy(), _Q_FIXED2[:, :, 0].copy()
+_R_SCALE2_C, _R_FIXED2_C = _R_SCALE2[:, 0].copy(), _R_FIXED2[:, 0].copy()
 _SIGN = np.array([-1.0, -1.0, 1.0, 1.0])[:, None]  # boxes as (-x1, -y1, x2, y2): see _iou
 _NO_MATCH = 2.0  # a cost above every threshold: the pair cannot match
 
@@ -95,16 +99,42 @@ def _match(cost: np.ndarray, thresh: float) -> tuple[np.ndarray, np.ndarray]:
     different columns, each taking its best is the optimum (the usual frame: objects apart); only a
     conflict needs scipy's solver. A row or column priced at _NO_MATCH everywhere takes no part.
     """
-    limit = thresh + 1e-4
-    best = cost.argmin(1)
-    best_cost = cost[np.arange(len(best)), best]
-    wanted = best[best_cost < limit].tolist()
-    if len(set(wanted)) == len(wanted):  # a few dozen ints: a Python set costs less than numpy calls
-        rows = (best_cost <= thresh).nonzero()[0]
-        return rows, best[rows]
-    rows, cols = linear_sum_assignment(np.minimum(cost, limit))
+    return _solve(cost, thresh, *_load_kernels().greedy(np.ascontiguousarray(cost, np.float64), thresh))
+
+
+def _solve(cost: np.ndarray, thresh: float, rows: np.ndarray, cols: np.ndarray,
+           ok: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The matching from a kernel's solver-free try (ok) or, on a conflict, from scipy's solver."""
+    if ok:
+        return rows, cols
+    rows, cols = linear_sum_assignment(np.minimum(cost, thresh + 1e-4))
     keep = cost[rows, cols] <= thresh
     return rows[keep], cols[keep]
+
+
+_kernels = None
+
+
+def _load_kernels():
+    """pipeline.tracking_kernels, imported on the first tracker: numba takes about a second to import
+    and load its compiled code (longer the first time on a machine, when it compiles), which a run
+    without tracking should not pay. A scripted sequence then runs every kernel once, so that no
+    camera's first frames wait for it."""
+    global _kernels
+    if _kernels is None:
+        from pipeline import tracking_kernels
+
+        _kernels = tracking_kernels
+        # two walkers A and B; B's score sags once; C is new, confirmed, then lost; D is seen once and
+        # dropped (a track ends: the state shrinks); the types here are the only ones update passes
+        a, b, c, d = ((0, 0, 10, 20, 0.9), (30, 0, 40, 20, 0.9), (60, 0, 70, 20, 0.9), (90, 0, 100, 20, 0.9))
+        weak_b = (30, 0, 40, 20, 0.3)
+        warm = ByteTracker(track_high_thresh=0.5)
+        for i, rows in enumerate(([a, b], [a, weak_b], [a, b, c], [a, b, c], [a, b], [a, b, d], [a, b])):
+            boxes = np.array(rows, np.float64) + (i, 0, i, 0, 0)
+            warm.update(Detections(boxes[:, :4].astype(np.float32), boxes[:, 4].astype(np.float32),
+                                   np.zeros(len(rows), np.int32)), i / 25)
+    return _kernels
 
 
 class ByteTracker:
@@ -113,17 +143,20 @@ class ByteTracker:
     def __init__(self, track_high_thresh: float = 0.25, track_low_thresh: float = 0.1, new_track_thresh: float = 0.25,
                  match_thresh: float = 0.8, lost_track_buffer_s: float = 1.0, fuse_score: bool = True,
                  classes: list[int] | None = None):
-        self.high, self.low, self.new = track_high_thresh, track_low_thresh, new_track_thresh
-        self.match_thresh, self.buffer_s, self.fuse_score = match_thresh, lost_track_buffer_s, fuse_score
+        # floats and a bool whatever was given: the kernels take them, and other types would compile again
+        self.high, self.low, self.new = float(track_high_thresh), float(track_low_thresh), float(new_track_thresh)
+        self.match_thresh, self.buffer_s = float(match_thresh), float(lost_track_buffer_s)
+        self.fuse_score = bool(fuse_score)
         self.classes = None if classes is None else np.asarray(classes, np.int32)
         self.next_id = 1
         self.last_time: float | None = None
         self.updates = 0
-        self._dts = np.zeros(_DT_WINDOW)
+        self._dts = [0.0] * _DT_WINDOW  # a list: statistics.median of 31 floats costs a tenth of np.median's
         self._dt_count = 0
         self.frame_dt = 1.0  # seconds; estimated from the timestamps
         self.ended: list[int] = []  # public ids of the confirmed tracks that ended in the last update
         self._clear()
+        self._kernels = _load_kernels()
 
     @classmethod
     def from_config(cls, config) -> "ByteTracker":
@@ -137,10 +170,8 @@ class ByteTracker:
         self.class_ids = np.zeros(0, np.int32)
         # the Kalman state of every track, [5, 4, tracks]: POS the mean cx, cy, aspect (w/h), height;
         # VEL their velocities, per frame interval; PP, PV, VV the covariance of each coordinate:
-        # position, position x velocity, velocity. Coordinate-major, so that each [4, tracks] block is
-        # contiguous and predict and correct are a few whole-array operations.
+        # position, position x velocity, velocity. Predicted and corrected in place by the kernels.
         self.kf = np.zeros((5, 4, 0))
-        self._motion = np.eye(5)  # the Kalman transition, set for each step's length
         self.start = np.zeros(0)  # time of the first detection
         self.seen = np.zeros(0)  # time of the last matched detection
 
@@ -151,39 +182,11 @@ class ByteTracker:
     # ByteTrack's filter (F, Q, H, R) never couples one coordinate with another, only each with its
     # own velocity, and starts from a diagonal covariance: its 8x8 covariance is four independent 2x2
     # blocks. Keeping just those (pp, pv, vv per coordinate) gives the same numbers with elementwise
-    # arithmetic instead of batched 8x8 matrix products.
+    # arithmetic (tracking_kernels.prepare predicts, .correct updates) instead of 8x8 matrix products.
     @property
     def pos(self) -> np.ndarray:
         """Every track's Kalman position, [tracks, 4] (cx, cy, aspect, height)."""
         return self.kf[POS].T
-
-    def _predict(self, dt: float, tracked: np.ndarray) -> None:
-        k = dt / self.frame_dt  # in frames
-        kf = self.kf
-        kf[VEL, 3][~tracked] = 0.0  # ByteTrack: a track not seen keeps no height velocity
-        h2 = kf[POS, 3] ** 2  # the noise of one frame is from the height before the step
-        # mean and covariance: [pos, vel, pp, pv, vv] <- F [pos, vel, pp, pv, vv], one matrix product
-        # for every track and coordinate (pos += k vel; pp += 2k pv + k^2 vv; pv += k vv)
-        motion = self._motion
-        motion[POS, VEL] = motion[PV, VV] = k
-        motion[PP, PV], motion[PP, VV] = 2 * k, k * k
-        kf = (motion @ kf.reshape(5, -1)).reshape(kf.shape)
-        kf[PP::2] += k * (_Q_SCALE2 * h2 + _Q_FIXED2)  # pp and vv: a random walk's variance grows with time
-        self.kf = kf
-
-    def _correct(self, gate: np.ndarray, rows: np.ndarray, z: np.ndarray) -> None:
-        """Kalman update of the tracks `rows` with their measurements `z` [4, len(rows)]. Computed for
-        every track (whole arrays cost less than a gather and a scatter): `gate` is 1.0 on the rows, 0.0
-        elsewhere, and a zero gain leaves a track as it was."""
-        kf = self.kf
-        pos, pp = kf[POS], kf[PP]
-        inverse = gate / (pp + (_R_SCALE2 * pos[3] ** 2 + _R_FIXED2))  # 1 / (pp + r), 0 where no measurement
-        measured = pos.copy()  # innovation 0 where no measurement
-        measured[:, rows] = z
-        innovation = measured - pos
-        # gains: position pp / s, velocity pv / s; the covariance loses (pp, pv, vv) -= (pp pp, pp pv, pv pv) / s
-        kf[POS:PP] += kf[PP:VV] * (inverse * innovation)
-        kf[PP:] -= kf[_COV_LEFT] * kf[_COV_RIGHT] * inverse
 
     def _add(self, z: np.ndarray, class_ids: np.ndarray, t: float, state: int) -> np.ndarray:
         """Start tracks at measurements `z` [4, n] (cx, cy, aspect, height); returns their rows."""
@@ -209,7 +212,7 @@ class ByteTracker:
     def _keep(self, mask: np.ndarray) -> None:
         for name in ("ids", "state", "class_ids", "start", "seen"):
             setattr(self, name, getattr(self, name)[mask])
-        self.kf = self.kf[:, :, mask]
+        self.kf = np.ascontiguousarray(self.kf[:, :, mask])  # (indexing the last axis leaves it strided)
 
     def _drop_duplicates(self, alive: np.ndarray, lost: np.ndarray) -> None:
         """ByteTrack's last step: a current track and a lost one of the same class on the same place
@@ -240,10 +243,10 @@ class ByteTracker:
         Returns the same detections, same order, with `track_ids` (-1: not part of a confirmed track)
         and `track_ages` (seconds since the track's first detection).
         """
-        # Cost: with a few dozen objects each numpy call's fixed overhead outweighs its arithmetic,
-        # so the frame is done in as few calls as it can be: whole arrays, coordinate-major; the
-        # three associations price out the pairs they may not use in the frame's one IoU matrix
-        # instead of cutting sub-matrices; steps with nothing to do are skipped.
+        # Cost: with a few dozen objects each numpy call's fixed overhead outweighs its arithmetic, so
+        # the arithmetic is in compiled kernels (pipeline/tracking_kernels.py), one call a step; what is
+        # left here is bookkeeping, skipped when there is nothing to do (no track starts or ends).
+        kernels = self._kernels
         self.ended = []
         t = float(timestamp)
         if self.last_time is not None and t < self.last_time:
@@ -256,19 +259,18 @@ class ByteTracker:
             self._dts[self._dt_count % _DT_WINDOW] = dt
             self._dt_count += 1
             if self._dt_count <= _DT_WINDOW or self._dt_count % 16 == 0:  # a median now and then is enough
-                self.frame_dt = float(np.median(self._dts[:min(self._dt_count, _DT_WINDOW)]))
+                self.frame_dt = statistics.median(self._dts[:min(self._dt_count, _DT_WINDOW)])
         state = self.state
         n_tracks = len(state)
         tracked = state == TRACKED  # as the frame found them
         new = state == NEW
         n_new = np.count_nonzero(new)
-        if n_tracks and dt > 0:
-            self._predict(dt, tracked)
         self.last_time = t
 
-        boxes = np.asarray(detections.xyxy, np.float64).reshape(-1, 4).T  # [4, n]: x1, y1, x2, y2
-        scores = np.asarray(detections.scores, np.float64)
-        class_ids = np.asarray(detections.class_ids, np.int32)
+        # contiguous, of fixed types: a kernel called with other types or layouts would compile again
+        xyxy = np.ascontiguousarray(detections.xyxy, np.float64).reshape(-1, 4)
+        scores = np.ascontiguousarray(detections.scores, np.float64)
+        class_ids = np.ascontiguousarray(detections.class_ids, np.int32)
         n = len(scores)
         if self.classes is not None:
             scores = np.where(np.isin(class_ids, self.classes), scores, -1.0)  # other classes: below every threshold
@@ -276,67 +278,35 @@ class ByteTracker:
         n_high = np.count_nonzero(high)
         det_row = np.full(n, -1, np.int64)  # the track row each detection went to
         confirm = det_row[:0]
-        size = boxes[2:] - boxes[:2]  # width, height
-        z = np.concatenate(((boxes[:2] + boxes[2:]) * 0.5, size))  # as measurements: cx, cy, aspect, height
-        np.maximum(z[3], 1e-3, out=z[3])
-        z[2] /= z[3]
+        # predicts (k frames ahead: a gap of n intervals is one step of n frames), then the frame's
+        # measurements (cx, cy, aspect, height) and its one IoU matrix (0 across classes)
+        z, similarity = kernels.prepare(self.kf, tracked, dt / self.frame_dt if n_tracks and dt > 0 else 0.0,
+                                        _Q_SCALE2_C, _Q_FIXED2_C, xyxy, self.class_ids, class_ids)
 
         if n_tracks and n:
-            # one IoU matrix for the frame; a track never matches a detection of another class
-            pos = self.kf[POS]
-            half = pos[2:] * _HALF
-            half[0] *= pos[3]  # half width (aspect x height), half height
-            similarity = _iou(np.concatenate((half - pos[:2], pos[:2] + half)), half[0] * half[1] * 4.0,
-                              boxes * _SIGN, size[0] * size[1])
-            # (a camera tracking one class, the usual case, skips the mask: a 1-D check is cheaper)
-            one_class = class_ids[0]
-            if np.count_nonzero(class_ids != one_class) or np.count_nonzero(self.class_ids != one_class):
-                similarity[self.class_ids[:, None] != class_ids] = 0.0
-            # 1. high-score detections with confirmed and lost tracks
+            # 1. high-score detections with confirmed and lost tracks (a low-score one is priced out
+            # through a score of -1: its cost is 1 + IoU)
             if n_high and n_tracks > n_new:
-                if self.fuse_score:  # a score of -1 prices a low-score detection out: its cost is 1 + IoU
-                    cost = 1.0 - similarity * (scores if n_high == n else np.where(high, scores, -1.0))
-                else:
-                    cost = 1.0 - similarity
-                    if n_high < n:
-                        cost[:, ~high] = _NO_MATCH
-                if n_new:
-                    cost[new] = _NO_MATCH
-                rows, cols = _match(cost, self.match_thresh)
+                cost, rows, cols, ok = kernels.match_high(similarity, scores, high, new, self.fuse_score, _NO_MATCH,
+                                                          self.match_thresh)
+                rows, cols = _solve(cost, self.match_thresh, rows, cols, ok)
                 det_row[cols] = rows
-            else:
-                rows = det_row[:0]
-            # 2. low-score detections with the confirmed tracks still unmatched
-            # (few on both sides: a sub-matrix is cheaper than pricing out the whole one)
+            # 2. low-score detections with the confirmed tracks still unmatched (on that sub-matrix)
             if n_high < n:
-                low = ((scores >= self.low) & ~high).nonzero()[0]
-                open_tracks = tracked.copy()
-                open_tracks[rows] = False
-                open_tracks = open_tracks.nonzero()[0]
-                if len(low) and len(open_tracks):
-                    rows, cols = _match(1.0 - similarity[open_tracks[:, None], low], 0.5)
+                cost, rows, cols, ok, open_tracks, low = kernels.match_low(similarity, scores, self.low, high, tracked,
+                                                                          det_row, 0.5)
+                if len(rows) or not ok:
+                    rows, cols = _solve(cost, 0.5, rows, cols, ok)
                     det_row[low[cols]] = open_tracks[rows]
             # 3. tracks seen once so far with the high-score detections left
             if n_new:
-                open_dets = high & (det_row < 0)
-                if np.count_nonzero(open_dets):
-                    cost = 1.0 - (similarity * scores if self.fuse_score else similarity)
-                    cost[~new] = _NO_MATCH
-                    cost[:, ~open_dets] = _NO_MATCH
-                    confirm, cols = _match(cost, 0.7)
-                    det_row[cols] = confirm
+                cost, rows, cols, ok = kernels.match_new(similarity, scores, high, new, det_row, self.fuse_score,
+                                                         _NO_MATCH, 0.7)
+                confirm, cols = _solve(cost, 0.7, rows, cols, ok)
+                det_row[cols] = confirm
 
-        has = det_row >= 0
-        gate = np.zeros(n_tracks)  # 1.0: matched in this frame
-        if np.count_nonzero(has):
-            matched_dets = has.nonzero()[0]
-            rows = det_row[matched_dets]
-            gate[rows] = 1.0
-            self._correct(gate, rows, z[:, matched_dets])
-            state[rows] = TRACKED
-            self.seen[rows] = t
-        unmatched = gate == 0.0
-        state[tracked & unmatched] = LOST
+        # the Kalman correction of the matched tracks; tracked ones not matched are lost now
+        matched = kernels.correct(self.kf, state, self.seen, tracked, det_row, z, t, _R_SCALE2_C, _R_FIXED2_C)
         if len(confirm):  # a second sighting confirms a track: it gets its public id now
             self.ids[confirm] = np.arange(self.next_id, self.next_id + len(confirm))
             self.next_id += len(confirm)
@@ -344,7 +314,7 @@ class ByteTracker:
         # 5. new tracks; the very first frame's are confirmed at once (as in ByteTrack)
         fresh = det_row[:0]
         if n_high:
-            fresh = high & ~has
+            fresh = high & (det_row < 0)
             if self.new > self.high:
                 fresh &= scores >= self.new
             fresh = fresh.nonzero()[0]
@@ -356,7 +326,7 @@ class ByteTracker:
         lost = state == LOST
         everyone = True
         if n_new or np.count_nonzero(lost):
-            alive = ~(new & unmatched) if n_new else np.ones(n_tracks, bool)
+            alive = ~(new & ~matched) if n_new else np.ones(n_tracks, bool)
             if np.count_nonzero(lost):
                 alive &= ~(lost & (t - self.seen[:n_tracks] > self.buffer_s))
                 if len(fresh):
@@ -370,15 +340,8 @@ class ByteTracker:
             ended += [int(i) for i in self.ids[~alive & (self.ids >= 0)]]
         self.ended = ended
 
-        if n and len(self.state):
-            # a matched track is a tracked one, so its id is the detection's (-1 for a track not confirmed);
-            # a detection with no track (row -1) reads the last row, then gets -1
-            track_ids = self.ids[det_row]
-            track_ids[det_row < 0] = -1
-            ages = (t - self.start[det_row]).astype(np.float32)
-            ages[track_ids < 0] = 0.0
-        else:
-            track_ids, ages = np.full(n, -1, np.int64), np.zeros(n, np.float32)
+        # a matched track is a tracked one, so its id is the detection's (-1 for a track not confirmed)
+        track_ids, ages = kernels.output(self.ids, self.start, det_row, t)
         if not everyone:
             self._keep(alive)
         return Detections(detections.xyxy, detections.scores, detections.class_ids, track_ids, ages)

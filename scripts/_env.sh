@@ -23,4 +23,7 @@ venv_install() {  # venv_install REQUIREMENTS_FILE
     .venv/bin/python -m pip install -q -r "$1"
     touch "$stamp"
   fi
+  # numba compiles the tracker's kernels on first use (several seconds) and caches them beside the
+  # source: do it here, so that no run or test waits for it (seconds a run when already cached)
+  .venv/bin/python -c "from pipeline.tracking import ByteTracker; ByteTracker()"
 }

@@ -228,6 +228,28 @@ def test_matching_without_the_solver_finds_the_solvers_optimum():
     assert 50 < skipped < 350  # both ways were taken
 
 
+def test_the_compiled_kernels_compile_once_whatever_the_input_and_settings():
+    # numba compiles a kernel again for every new combination of argument types and layouts (seconds,
+    # mid-run, on a camera's frame); the tracker passes one: float64 views, int64 class ids, empty
+    # frames, tracks that end (the state shrinks), a clock that goes back and every setting must
+    # reuse what the first tracker's warm-up compiled
+    from pipeline import tracking
+
+    a, b, c = walker(0, 100, 80, 0), walker(600, 100, -80, 0), walker(300, 300, 0, -40)
+    for settings in ({}, {"fuse_score": 0}, {"classes": [0]}, {"lost_track_buffer_s": 0.1}, {"track_low_thresh": 0}):
+        tracker = ByteTracker(**settings)
+        for i in list(range(30)) + list(range(10)):  # the clock goes back once
+            t = i / FPS
+            rows = [a(t), b(t, score=0.2 if i % 7 == 3 else 0.9, cls=i % 2)] + ([c(t)] if 5 < i < 12 else [])
+            table = np.asarray(rows, np.float64)  # float64 and strided: the columns of one table
+            frame = Detections(table[:, :4], table[:, 4], table[:, 5].astype(np.int64)) if i % 9 else Detections.empty()
+            tracker.update(frame, t)
+    kernels = tracking._kernels
+    for kernel in (kernels.prepare, kernels.match_high, kernels.match_low, kernels.match_new, kernels.correct,
+                   kernels.output):
+        assert len(kernel.signatures) == 1, (kernel.__name__, kernel.signatures)
+
+
 def test_subscribe_summary_shows_track_ids_and_events():
     from run import summary_line
     from stages.publish import to_events
