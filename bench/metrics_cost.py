@@ -11,6 +11,8 @@ load barely moves:
 2. idle server - the HTTP server's thread between scrapes: CPU time and wake-ups a second
 3. scrape      - one /metrics scrape, in this process's CPU time (render, process metrics, aiohttp),
                  for 1 and for `--cameras` cameras, and the scraping client's own CPU time
+4. threads     - runs with the HTTP server off and scraped every 1 s, interleaved: a frame's CPU
+                 time by thread (inference lanes, HTTP threads, the rest)
 
 Prints a table and appends it (date, machine, commit) to bench/results/metrics_cost.md and .jsonl.
 
@@ -191,13 +193,111 @@ def part_scrape(clip: Path, cameras: int, scrapes: int) -> list[dict]:
     return rows
 
 
+def tasks() -> dict[str, tuple[str, int]]:
+    """tid -> (thread name, ns on the CPU so far) for every thread of this process (threads that
+    Python did not start, ONNX Runtime's or FFmpeg's, by their kernel name)."""
+    names = {str(t.native_id): t.name for t in threading.enumerate()}
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                comm = f.read().strip()
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                out[tid] = (names.get(tid, comm), int(f.read().split()[0]))
+        except OSError:
+            pass  # ended
+    return out
+
+
+def group(name: str) -> str:
+    if name.startswith("infer-lane"):
+        return "inference lanes (ONNX Runtime)"
+    if name == "http" or name.startswith("http-reads"):
+        return "HTTP server (event loop, /metrics)"
+    return "everything else (decode, letterbox, postprocess, publish, ...)"
+
+
+def threads_run(clip: Path, scrape_every: float | None) -> tuple[float, dict[str, float]]:
+    """One run of the clip: (frames per CPU second, ms of CPU a frame per group of threads)."""
+    from bench.service import SCRAPER as SCRAPE_EVERY
+    from pipeline.graph import Pipeline
+
+    config = parse_config(base_config(clip, free_port() if scrape_every else None), "bench.yaml")
+    pipeline = Pipeline(config)
+    service = server = helper = None
+    with tempfile.TemporaryDirectory() as folder:
+        if scrape_every:
+            service, server = serve(pipeline, config)
+            times = Path(folder) / "times"
+            helper = subprocess.Popen([sys.executable, "-c", SCRAPE_EVERY, f"http://127.0.0.1:{server.port}/metrics",
+                                       str(scrape_every), str(times)])
+            while not times.exists() and helper.poll() is None:
+                time.sleep(0.01)
+        before = tasks()
+        last = dict(before)
+        stop = threading.Event()
+
+        def sample():  # stage threads end with the run: keep their last reading
+            while not stop.wait(0.2):
+                last.update(tasks())
+
+        sampler = threading.Thread(target=sample, name="sampler")
+        cpu0 = process_cpu()
+        sampler.start()
+        pipeline.start()
+        pipeline.wait()
+        stop.set()
+        sampler.join()
+        cpu = process_cpu() - cpu0
+        last.update(tasks())
+        if helper is not None:
+            helper.kill()
+            helper.wait()
+    frames = pipeline.publish.metrics.frames_out
+    groups: dict[str, float] = {}
+    for tid, (name, ns) in last.items():
+        if name == "sampler":
+            continue
+        key = group(name)
+        groups[key] = groups.get(key, 0.0) + (ns - before.get(tid, (name, 0))[1]) / 1e6 / frames
+    if server is not None:
+        server.stop()
+        service.close()
+    pipeline.close()
+    return frames / cpu, groups
+
+
+def part_threads(clip: Path, rounds: int) -> list[dict]:
+    """Off and scraped every 1 s, interleaved (ABBA): where a frame's CPU time goes in each, by
+    thread. What moves between runs is the inference threads' CPU a frame; the HTTP threads are the
+    metrics' whole in-process cost."""
+    threads_run(clip, None)  # warm-up
+    runs: dict[str, list] = {"HTTP server off": [], "/metrics scraped every 1 s": []}
+    for round_ in range(rounds):
+        order = list(runs) if round_ % 2 == 0 else list(runs)[::-1]
+        for name in order:
+            runs[name].append(threads_run(clip, 1.0 if name.startswith("/metrics") else None))
+    rows = []
+    for name, values in runs.items():
+        per_cpu = [v[0] for v in values]
+        keys = sorted({k for _, groups in values for k in groups})
+        for key in keys:
+            ms = [groups.get(key, 0.0) for _, groups in values]
+            rows.append({"part": "threads", "variant": f"{name}: {key}, ms of CPU a frame (median; smallest-largest "
+                         f"{min(ms):.3f}-{max(ms):.3f})", "ms": statistics.median(ms)})
+        rows.append({"part": "threads", "variant": f"{name}: frames per CPU second (median; smallest-largest "
+                     f"{min(per_cpu):.1f}-{max(per_cpu):.1f})", "per_s": statistics.median(per_cpu)})
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=300)
     parser.add_argument("--cameras", type=int, default=64)
     parser.add_argument("--scrapes", type=int, default=200)
     parser.add_argument("--idle", type=float, default=10.0, help="seconds the idle server is watched")
-    parser.add_argument("--parts", default="bookkeeping,idle,scrape")
+    parser.add_argument("--rounds", type=int, default=4, help="threads: rounds of off and on")
+    parser.add_argument("--parts", default="bookkeeping,idle,scrape,threads")
     parser.add_argument("--note", default="", help="what else ran on the machine")
     args = parser.parse_args()
     parts = args.parts.split(",")
@@ -211,6 +311,8 @@ def main() -> int:
             rows += part_idle(clip, args.idle)
         if "scrape" in parts:
             rows += part_scrape(clip, args.cameras, args.scrapes)
+        if "threads" in parts:
+            rows += part_threads(clip, args.rounds)
     load_after = os.getloadavg()[0]
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     header = (f"{stamp} | {machine()} | commit {commit()} | load average {load:.2f} before, {load_after:.2f} after"
