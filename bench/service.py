@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """What operating it as a service costs (issue 14's targets), each part in one run, as ratios:
 
-1. metrics   - pipeline fps on a clip with the HTTP server off, and on with /metrics scraped every
-               `--scrape-every` s by another process (target: < 2% fps cost)
+1. metrics   - pipeline fps and frames per CPU second on a clip with the HTTP server off, off again
+               (the noise floor), and on with /metrics scraped every `--scrape-every` s (1 and 0.1)
+               by another process, in interleaved rounds (target: < 2% fps cost)
 2. scrape    - time of a /metrics scrape (HTTP round trip, from another process) with `--cameras`
                cameras running, in one process and through 2 worker processes (target: < 20 ms)
 3. changes   - 4 paced cameras run; a fifth is added, then removed (HTTP API): the 4 lose no frame,
@@ -12,7 +13,7 @@
 
 Prints a table and appends it (date, machine, commit) to bench/results/service.md and .jsonl.
 
-    python bench/service.py [--frames 300] [--repeat 3] [--cameras 64] [--parts metrics,scrape,changes,curve]
+    python bench/service.py [--frames 300] [--repeat 5] [--cameras 64] [--parts metrics,scrape,changes,curve]
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -91,10 +93,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_pipeline(config: dict, scrape_every: float | None = None, subscriber_keys: list[str] | None = None) -> tuple[float, float]:
-    """(frames published a second, frames per CPU second of this process) over the whole clip (model
-    load excluded), optionally with a scraper or a subscriber (another process) attached. Frames per
-    CPU second is what other helpers' load on a shared machine barely moves."""
+def http_threads_cpu() -> float:
+    """CPU seconds so far of this process's HTTP threads (the event loop and the one that renders
+    /metrics): what serving the scrapes cost inside the process. From schedstat, in ns: the 10 ms
+    ticks of /proc's stat are coarser than a few scrapes."""
+    total = 0.0
+    for thread in threading.enumerate():
+        if thread.name == "http" or thread.name.startswith("http-reads"):
+            try:
+                with open(f"/proc/self/task/{thread.native_id}/schedstat") as f:
+                    total += int(f.read().split()[0]) / 1e9
+            except OSError:
+                continue
+    return total
+
+
+def run_pipeline(config: dict, scrape_every: float | None = None,
+                 subscriber_keys: list[str] | None = None) -> tuple[float, float, float]:
+    """(frames published a second, frames per CPU second of this process, share of that CPU time
+    spent in the HTTP threads) over the whole clip (model load excluded), optionally with a scraper
+    or a subscriber (another process) attached. Frames per CPU second is what other helpers' load on
+    a shared machine barely moves. The scraper starts, and scrapes once, before the clock does: a
+    Python process importing urllib costs ~0.1 s of CPU, 1-2% of a short run on 2 cores, which is
+    the benchmark's set-up and not what metrics cost the pipeline."""
     import resource
 
     from pipeline.cameras import LocalCameras
@@ -111,16 +132,22 @@ def run_pipeline(config: dict, scrape_every: float | None = None, subscriber_key
     helper = None
     with tempfile.TemporaryDirectory() as folder:
         if scrape_every is not None:
+            times = Path(folder) / "times"
             helper = subprocess.Popen([sys.executable, "-c", SCRAPER, f"http://127.0.0.1:{server.port}/metrics",
-                                       str(scrape_every), f"{folder}/times"])
+                                       str(scrape_every), str(times)])
+            deadline = time.monotonic() + 60
+            while not times.exists() and helper.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
         if subscriber_keys is not None:
             helper = subprocess.Popen([sys.executable, "-c", SUBSCRIBER, str(ROOT), pipeline.endpoint, *subscriber_keys])
         usage = resource.getrusage(resource.RUSAGE_SELF)
+        http_before = http_threads_cpu()
         started = time.perf_counter()
         pipeline.start()
         pipeline.wait()
         elapsed = time.perf_counter() - started
         after = resource.getrusage(resource.RUSAGE_SELF)
+        http_cpu_s = http_threads_cpu() - http_before
         cpu_s = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
         frames = pipeline.publish.metrics.frames_out
         if helper is not None:
@@ -132,7 +159,7 @@ def run_pipeline(config: dict, scrape_every: float | None = None, subscriber_key
         server.stop()
         service.close()
     pipeline.close()
-    return frames / elapsed, frames / cpu_s
+    return frames / elapsed, frames / cpu_s, http_cpu_s / cpu_s
 
 
 def _pair(part: str, names: tuple[str, str], runs: tuple[list, list]) -> list[dict]:
@@ -146,12 +173,38 @@ def _pair(part: str, names: tuple[str, str], runs: tuple[list, list]) -> list[di
     return rows
 
 
-def part_metrics(clip: Path, repeat: int, every: float) -> list[dict]:
-    off, on = [], []
-    for _ in range(repeat):  # interleaved: drift on a busy machine hits both alike
-        off.append(run_pipeline(base_config(clip)))
-        on.append(run_pipeline(base_config(clip, free_port()), scrape_every=every))
-    return _pair("metrics", ("HTTP server off", f"/metrics scraped every {every:g} s"), (off, on))
+def _spread(values: list[float]) -> str:
+    return f"{min(values):.3f}-{max(values):.3f}"
+
+
+def part_metrics(clip: Path, rounds: int, every: list[float]) -> list[dict]:
+    """Each round runs every variant once, in the opposite order every other round (ABC CBA), so
+    that the machine's drift hits each alike. A variant's ratio is the median over rounds of its run
+    against the same round's "off" run, with the smallest and largest of those ratios; "off, again"
+    is the noise floor: the ratio a change that does nothing gets on this machine right now."""
+    variants = [("HTTP server off", None, False), ("HTTP server off, again (the noise floor)", None, False),
+                *((f"/metrics scraped every {e:g} s", e, True) for e in every)]
+    runs: dict[str, list] = {name: [] for name, _, _ in variants}
+    run_pipeline(base_config(clip))  # warm-up, not counted: the first run of a process is slower
+    for round_ in range(rounds):
+        for name, scrape_every, on in (variants if round_ % 2 == 0 else variants[::-1]):
+            config = base_config(clip, free_port()) if on else base_config(clip)
+            runs[name].append(run_pipeline(config, scrape_every=scrape_every if on else None))
+    base = runs[variants[0][0]]
+    rows = []
+    for name, _, on in variants:
+        values = runs[name]
+        row = {"part": "metrics", "variant": name, "fps": statistics.median(v[0] for v in values),
+               "frames_per_cpu_s": statistics.median(v[1] for v in values), "runs": values}
+        if values is not base:
+            fps_ratios = [v[0] / b[0] for v, b in zip(values, base)]
+            cpu_ratios = [v[1] / b[1] for v, b in zip(values, base)]
+            row.update(ratio=statistics.median(fps_ratios), ratio_spread=_spread(fps_ratios),
+                       cpu_ratio=statistics.median(cpu_ratios), cpu_ratio_spread=_spread(cpu_ratios))
+        if on:
+            row["http_cpu_share"] = statistics.median(v[2] for v in values)  # of the whole process's CPU time
+        rows.append(row)
+    return rows
 
 
 def scrape_times(url: str, count: int) -> list[float]:
@@ -311,9 +364,11 @@ def part_curve(clip: Path, repeat: int, folder: Path) -> list[dict]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=300)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5, help="rounds (metrics) or runs of each variant (curve)")
     parser.add_argument("--cameras", type=int, default=64)
-    parser.add_argument("--scrape-every", type=float, default=1.0)
+    parser.add_argument("--scrape-every", default="1,0.1",
+                        help="seconds between scrapes, one variant each; 0.1 scrapes 10x as often as Prometheus' "
+                             "usual fastest, so that a cost too small to see at 1 s shows (about 10x)")
     parser.add_argument("--changes-fps", type=int, default=0,
                         help="fps of each of the 4 cameras; 0: a third of what this machine infers now, over 5 cameras")
     parser.add_argument("--window", type=float, default=15.0, help="changes: seconds before and after the add/remove")
@@ -321,12 +376,13 @@ def main() -> int:
     parser.add_argument("--note", default="", help="what else ran on the machine")
     args = parser.parse_args()
     parts = args.parts.split(",")
+    load_before = os.getloadavg()[0]
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         clip = clip_prefix(args.frames, folder)
         if "metrics" in parts:
-            rows += part_metrics(clip, args.repeat, args.scrape_every)
+            rows += part_metrics(clip, args.repeat, [float(e) for e in args.scrape_every.split(",")])
         if "scrape" in parts:
             rows += part_scrape(args.cameras, folder)
         if "changes" in parts:
@@ -339,26 +395,34 @@ def main() -> int:
             rows += part_changes(folder, fps, args.window)
         if "curve" in parts:
             rows += part_curve(clip, args.repeat, folder)
+    load_after = os.getloadavg()[0]
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    header = (f"{stamp} | {machine()} | commit {commit()} | {args.frames} frames of {CLIP.name} | median of {args.repeat}"
-              + (f" | {args.note}" if args.note else ""))
-    lines = [f"### {header}", "", "| part | variant | fps | ratio | frames / CPU s | ratio | scrape ms (median / p90 / max) | p99 ms | frames lost |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    header = (f"{stamp} | {machine()} | commit {commit()} | {args.frames} frames of {CLIP.name} | "
+              f"{args.repeat} rounds, medians (ratios: median over rounds, smallest-largest) | "
+              f"load average {load_before:.2f} before, {load_after:.2f} after" + (f" | {args.note}" if args.note else ""))
+    lines = [f"### {header}", "", "| part | variant | fps | ratio | frames / CPU s | ratio | HTTP threads' CPU "
+             "| scrape ms (median / p90 / max) | p99 ms | frames lost |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         fps = f"{row['fps']:.1f}" if "fps" in row else ""
         ratio = f"{row['ratio']:.3f}" if "ratio" in row else ""
+        if "ratio_spread" in row:
+            ratio += f" ({row['ratio_spread']})"
         scrape = (f"{row['median_ms']:.1f} / {row['p90_ms']:.1f} / {row['max_ms']:.1f} ({row['samples']} samples)"
                   if "median_ms" in row else "")
         p99 = f"{row['p99_ms']:.1f}" if "p99_ms" in row else ""
         per_cpu = f"{row['frames_per_cpu_s']:.1f}" if "frames_per_cpu_s" in row else ""
         cpu_ratio = f"{row['cpu_ratio']:.3f}" if "cpu_ratio" in row else ""
-        lines.append(f"| {row['part']} | {row['variant']} | {fps} | {ratio} | {per_cpu} | {cpu_ratio} | {scrape} | {p99} | "
-                     f"{row.get('frames_lost', '')} |")
+        if "cpu_ratio_spread" in row:
+            cpu_ratio += f" ({row['cpu_ratio_spread']})"
+        http = f"{row['http_cpu_share'] * 100:.2f}%" if "http_cpu_share" in row else ""
+        lines.append(f"| {row['part']} | {row['variant']} | {fps} | {ratio} | {per_cpu} | {cpu_ratio} | {http} | {scrape} | "
+                     f"{p99} | {row.get('frames_lost', '')} |")
     table = "\n".join(lines)
     print(table)
     append_results(ROOT / "bench" / "results", "service", table,
                    {"date": stamp, "machine": machine(), "commit": commit(), "frames": args.frames, "repeat": args.repeat,
-                    "note": args.note, "rows": rows})
+                    "note": args.note, "load": [load_before, load_after], "rows": rows})
     return 0
 
 
