@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline.buffers import batch_view
+
 
 @dataclass(frozen=True, slots=True)
 class Letterbox:
@@ -84,6 +86,11 @@ class FrameBatch:
     release: object | None = None  # callable that frees pinned output slots once postprocess is done
     credit: object | None = None  # a pipeline.queues.Credits held from batching until inference is done
     input_hw: tuple[int, int] | None = None  # the model input (height, width) every frame of the batch is letterboxed to
+
+    def images(self):
+        """The batch's letterboxed images: the first rows of its slot, seen at the batch's input shape
+        (the slot's own when the batch has none). A numpy array, or a DeviceArray (GPU letterbox)."""
+        return batch_view(self.slot.array, len(self.frames), self.input_hw or tuple(self.slot.array.shape[1:3]))
 
     def release_credit(self) -> None:
         if self.credit is not None:

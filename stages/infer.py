@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from engines.base import Engine
-from pipeline.buffers import HostSlotPool, batch_view
+from pipeline.buffers import HostSlotPool
 from pipeline.queues import Aborted, BoundedQueue
 from pipeline.record import FrameBatch
 from pipeline.stage import Stage
@@ -68,13 +68,7 @@ class InferStage(Stage):
         self._submitted.put((batch, pending))
 
     def _submit(self, batch: FrameBatch):
-        return self._workers.submit(self._infer_on_host, self._images(batch))
-
-    @staticmethod
-    def _images(batch: FrameBatch):
-        """The batch's letterboxed images: the slot's first rows, at the batch's input shape."""
-        hw = batch.input_hw or tuple(batch.slot.array.shape[1:3])
-        return batch_view(batch.slot.array, len(batch), hw)
+        return self._workers.submit(self._infer_on_host, batch.images())
 
     def _infer_on_host(self, images: np.ndarray) -> tuple[list[np.ndarray], float]:
         started = time.perf_counter()
@@ -166,7 +160,7 @@ class LaneInferStage(InferStage):
         super().on_start()
 
     def _submit(self, batch: FrameBatch):
-        self.lanes.submit(self._images(batch), tag=batch, n=len(batch))
+        self.lanes.submit(batch.images(), tag=batch, n=len(batch))
         return None
 
     def _wait(self, batch: FrameBatch, pending):

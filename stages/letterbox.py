@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import cv2
 import numpy as np
 
-from pipeline.buffers import HostSlotPool, batch_view
+from pipeline.buffers import HostSlotPool
 from pipeline.model import Preset
 from pipeline.queues import Aborted, BoundedQueue
 from pipeline.record import FrameBatch, Letterbox
@@ -97,10 +97,8 @@ class LetterboxStage(_SlotFillingStage):
         self._workers = ThreadPoolExecutor(threads, thread_name_prefix="letterbox") if threads > 1 else None
 
     def process(self, batch: FrameBatch) -> None:
-        slot = self._take_slot(batch)
-        if batch.input_hw is None:
-            batch.input_hw = tuple(slot.array.shape[1:3])
-        images = batch_view(slot.array, len(batch.frames), batch.input_hw)
+        self._take_slot(batch)
+        images = batch.images()
         rows = range(len(batch.frames))
         if self._workers is not None and len(batch.frames) > 1:
             geometries = list(self._workers.map(lambda row: self._letterbox_row(batch, images, row), rows))
@@ -157,15 +155,13 @@ class GpuLetterboxStage(_SlotFillingStage):
         set_device(self.device)  # the driver-API launch needs the device's context current in this thread
 
     def process(self, batch: FrameBatch) -> None:
-        slot = self._take_slot(batch)
-        if batch.input_hw is None:
-            batch.input_hw = tuple(slot.array.shape[1:3])
-        images = batch_view(slot.array, len(batch.frames), batch.input_hw)  # a DeviceArray of the batch's shape
-        dst_h, dst_w = batch.input_hw
+        self._take_slot(batch)
+        images = batch.images()  # a DeviceArray of the batch's shape
+        dst_h, dst_w = images.shape[1:3]
         for row, frame in enumerate(batch.frames):
             planes = self._planes(frame, row)
             geometry = letterbox_geometry(planes.width, planes.height, dst_w, dst_h, self.preset.align)
-            self.letterboxer.launch(planes, images.row_ptr(row), geometry, self.stream, dst_hw=batch.input_hw)
+            self.letterboxer.launch(planes, images.row_ptr(row), geometry, self.stream, dst_hw=(dst_h, dst_w))
             frame.letterbox = geometry
         self.done.record(self.stream)
         self.done.wait()  # polls, so other threads keep the GIL meanwhile

@@ -121,3 +121,11 @@ def test_batch_view_of_a_device_slot_at_the_square_and_a_rectangle(hw):
     assert host.shape == view.shape and host.flags["C_CONTIGUOUS"]
     with pytest.raises(ValueError, match="does not fit"):
         batch_view(slot, 9, (416, 416))
+    # what the stages read: a batch's images at its input shape, or at the slot's own without one
+    from pipeline.buffers import HostSlot
+    from pipeline.record import Frame, FrameBatch
+
+    frames = [Frame("cam", i, None, 0.0, None, (768, 432)) for i in range(3)]
+    shaped = FrameBatch(frames, slot=HostSlot(0, slot), input_hw=hw).images()
+    assert isinstance(shaped, DeviceArray) and shaped.shape == view.shape
+    assert FrameBatch(frames, slot=HostSlot(0, slot)).images().shape == (3, 416, 416, 3)
