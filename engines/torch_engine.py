@@ -249,12 +249,11 @@ class _CompileCache:
             return False  # we compile; the lock stays held until save()
         try:
             torch.compiler.load_cache_artifacts(self.path.read_bytes())
-        except Exception as exc:  # a stale or truncated file: compile anew
+        except Exception as exc:  # a stale or truncated file: compile anew, still holding the lock
             log.warning("engine torch: cannot load compiled artifacts %s (%s); compiling", self.path.name,
                         str(exc).splitlines()[0][:120])
             return False
-        finally:
-            self.release()
+        self.release()
         return True
 
     def save(self, torch) -> None:

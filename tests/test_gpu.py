@@ -50,6 +50,31 @@ def test_i420_upload_layout_keeps_the_last_chroma_column_of_odd_frames(width, he
     assert sizes[1] == ((width + 1) // 2, (height + 1) // 2)
 
 
+def test_compile_cache_keeps_its_lock_while_it_compiles_after_a_bad_artifacts_file(tmp_path):
+    """A stale or truncated artifacts file is compiled anew by the process that found it, which must
+    hold the lock until its artifacts are written, or every worker of the machine compiles at once.
+    (Runs without a GPU: the stand-in has torch.compiler's two calls; the file lock is what is tested.)"""
+    import fcntl
+    from types import SimpleNamespace
+
+    from engines.torch_engine import _CompileCache
+
+    def truncated(_data):
+        raise RuntimeError("truncated artifacts")
+
+    torch = SimpleNamespace(compiler=SimpleNamespace(load_cache_artifacts=truncated,
+                                                     save_cache_artifacts=lambda: (b"kernels", None)))
+    cache = _CompileCache(tmp_path, "key")
+    cache.path.write_bytes(b"trunc")
+    assert cache.load(torch) is False  # this process compiles
+    with open(cache.path.with_suffix(".lock"), "w") as other_worker:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(other_worker, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        cache.save(torch)
+        fcntl.flock(other_worker, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free once the artifacts are written
+    assert cache.path.read_bytes() == b"kernels"
+
+
 def test_tensorrt_missing_is_one_clear_line(tmp_path):
     try:
         import tensorrt  # noqa: F401
