@@ -108,7 +108,7 @@ def pipeline_config(clips: list[Path], streams: int, decoder: str, port: int, ar
         "runtime": {"status_interval_s": 5, "shutdown_deadline_s": 10, "queue_size": 8, "host_slots": args.lanes + 3,
                     "live_batches_in_flight": args.lanes + 1, "letterbox_threads": args.letterbox_threads,
                     "letterbox_device": args.letterbox, "workers": workers_for(streams, args),
-                    "worker_devices": list(range(args.gpus))},
+                    "worker_devices": list(range(getattr(args, "gpus_used", 1)))},
     }
 
 
@@ -304,6 +304,11 @@ def top_functions(profile: Path, limit: int = 12) -> list[tuple[str, float]]:
     return [(name, 100.0 * n / total) for name, n in sorted(counts.items(), key=lambda kv: -kv[1])[:limit]] if total else []
 
 
+def largest_passing(results: list[dict], decoder: str, input_shape: str, gpus_used: int) -> int:
+    return max((r["streams"] for r in results if r["decoder"] == decoder and r["input_shape"] == input_shape
+                and r["gpus_used"] == gpus_used and r.get("pass")), default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The benchmark's options; bench/compare_ultralytics.py takes its pipeline settings from here too."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -318,7 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile", action="store_true",
                         help="torch engine: engine.compile (inductor); artifacts cached in cache/torch, so only the first "
                              "worker of the first count compiles (give --startup-timeout room for that)")
-    parser.add_argument("--gpus", type=int, default=1, help="spread the workers over GPUs 0..N-1")
+    parser.add_argument("--gpus", default="1",
+                        help="GPU counts to run, e.g. 1,4: the workers are spread over GPUs 0..N-1, and with several "
+                             "counts the --streams values are per GPU (1,4 with --streams 128,144 runs 128,144 on one GPU "
+                             "and 512,576 on four), so the scaling is measured in one run")
     parser.add_argument("--lanes", type=int, default=3)
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--batch-timeout-ms", type=float, default=8.0)
@@ -366,22 +374,28 @@ def main() -> int:
              + ("engine compiled | " if args.compile else "")
              + f"{args.windows} x {args.duration:g} s windows"
              + (f" | {args.label}" if args.label else ""))
-    header = ("| input | decoder | streams | workers | pass | fps total | fps/stream min | mean | p50 ms | p99 ms (worst) | "
+    header = ("| input | decoder | GPUs | streams | workers | pass | fps total | fps/stream min | mean | p50 ms | p99 ms (worst) | "
               "p99 ms per window | max ms | lost | CPU cores | GPU % | NVDEC % | GPU ms/frame | infer p50 ms |")
-    lines = [f"# Load: {title}", "", header, "| " + " | ".join(["---"] * 18) + " |"]
+    lines = [f"# Load: {title}", "", header, "| " + " | ".join(["---"] * 19) + " |"]
     print("\n".join(lines), flush=True)
     results = []
-    for decoder, input_shape in [(d, s) for d in args.decoders.split(",") for s in args.input_shapes.split(",")]:
-        args.input_shape = input_shape
+    gpu_counts = [int(n) for n in args.gpus.split(",")]
+    if max(gpu_counts) > max(gpus, 1):
+        print(f"--gpus {args.gpus}: this machine has {gpus} GPU(s)", file=sys.stderr)
+        return 2
+    for decoder, input_shape, gpus_used in [(d, s, g) for d in args.decoders.split(",") for s in args.input_shapes.split(",")
+                                            for g in gpu_counts]:
+        args.input_shape, args.gpus_used = input_shape, gpus_used
         failures = 0
-        for streams in [int(n) for n in args.streams.split(",")]:
+        scale = gpus_used if len(gpu_counts) > 1 else 1  # several GPU counts: --streams is per GPU
+        for streams in [int(n) * scale for n in args.streams.split(",")]:
             r = measure(clips, streams, decoder, args, workdir)
-            r["input_shape"] = input_shape
+            r["input_shape"], r["gpus_used"] = input_shape, gpus_used
             results.append(r)
             if "error" in r:
-                line = f"| {input_shape} | {decoder} | {streams} | error: {r['error']} |"
+                line = f"| {input_shape} | {decoder} | {gpus_used} | {streams} | error: {r['error']} |"
             else:
-                line = (f"| {input_shape} | {decoder} | {streams} | {r['workers']} | {'yes' if r['pass'] else 'no'} | {r['fps_total']} | {r['fps_stream_min']} | "
+                line = (f"| {input_shape} | {decoder} | {gpus_used} | {streams} | {r['workers']} | {'yes' if r['pass'] else 'no'} | {r['fps_total']} | {r['fps_stream_min']} | "
                         f"{r['fps_stream_mean']} | {r['latency_p50_ms']} | {r['latency_p99_ms']} | "
                         f"{' / '.join(str(v) for v in r['latency_p99_ms_windows'])} | {r['latency_max_ms']} | "
                         f"{r['lost_frames']} | {r['cpu_cores']} | {r.get('gpu_util_pct', '?')} | {r.get('nvdec_util_pct', '?')} | "
@@ -401,12 +415,17 @@ def main() -> int:
                 failures += 1
                 if failures >= args.stop_after_fail:
                     break
-        best = max((r["streams"] for r in results if r["decoder"] == decoder and r["input_shape"] == input_shape
-                    and r.get("pass")), default=0)
-        lines.append(f"| {input_shape} | {decoder} | largest passing N: **{best}** |")
+        best = largest_passing(results, decoder, input_shape, gpus_used)
+        lines.append(f"| {input_shape} | {decoder} | {gpus_used} | largest passing N: **{best}** |")
+    for decoder, input_shape in [(d, s) for d in args.decoders.split(",") for s in args.input_shapes.split(",")]:
+        one = largest_passing(results, decoder, input_shape, gpu_counts[0])
+        for more in gpu_counts[1:]:  # scaling, in this run: cameras carried on N GPUs / on the first count's
+            many = largest_passing(results, decoder, input_shape, more)
+            lines.append(f"\n{input_shape}, {decoder}: {more} GPUs carry {many} cameras, {gpu_counts[0]} carries {one}: "
+                         f"**{many / one:.2f}x**" if one else f"\n{input_shape}, {decoder}: {gpu_counts[0]} GPU(s) passed no count")
     for r in results:  # rect vs square at the same count, in this run
         twin = next((s for s in results if s["input_shape"] == "square" and s["decoder"] == r["decoder"]
-                     and s["streams"] == r["streams"]), None)
+                     and s["streams"] == r["streams"] and s["gpus_used"] == r["gpus_used"]), None)
         if r["input_shape"] == "rect" and twin and r.get("gpu_ms_per_frame") and twin.get("gpu_ms_per_frame"):
             lines.append(f"\n{r['decoder']}, {r['streams']} cameras: GPU ms/frame square / rect = "
                          f"**{twin['gpu_ms_per_frame'] / r['gpu_ms_per_frame']:.2f}x** (target >= 1.4x); infer p50 "
