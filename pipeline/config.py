@@ -36,6 +36,7 @@ MAX_BATCH = 256
 MAX_MESSAGES = 1_000_000  # ZeroMQ high-water mark (messages queued per subscriber)
 MAX_CAMERAS = 4096
 MAX_DEVICE = 255  # CUDA device ordinals
+MAX_WORKERS = 256  # 4 GPUs at 144 cameras each, 8 cameras a worker, need 72; 8 GPUs 144
 
 
 class _Strict(BaseModel):
@@ -324,7 +325,7 @@ class RuntimeConfig(_Strict):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # >0: cameras dealt round-robin to this many worker processes, each a whole pipeline with its
     # own CUDA context, publishing through one endpoint (pipeline/workers.py); 0 = one process
-    workers: Annotated[int, Field(ge=0, le=64)] = 0
+    workers: Annotated[int, Field(ge=0, le=MAX_WORKERS)] = 0
     worker_devices: Annotated[list[Annotated[int, Field(ge=0, le=MAX_DEVICE)]], Field(max_length=64)] = []  # GPU of worker i: worker_devices[i % len]; [] = engine.device
     # the HTTP server (Prometheus /metrics, /healthz, /readyz, the /cameras API): HOST:PORT, off when
     # unset; port 0 = a free one (logged). Beyond loopback it needs api_token or api_insecure

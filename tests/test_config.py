@@ -37,6 +37,7 @@ def test_env_interpolation_with_default(monkeypatch):
     ({"cameras": [{"id": "a", "url": "x", "rtsp_transport": "http"}]}, "cameras[0].rtsp_transport"),
     ({"cameras": [{"id": "a", "url": "ftp://h/x.mp4"}]}, "cameras[0].url: Value error, unsupported URL scheme 'ftp'"),
     ({"runtime": {"host_slots": 10**7}}, "runtime.host_slots: Input should be less than or equal to 64"),
+    ({"runtime": {"workers": 257}}, "runtime.workers: Input should be less than or equal to 256"),
     ({"model": {"path": "m", "preset": "yolox", "classes": []}}, "model.classes: List should have at least 1 item"),
 ])
 def test_mistakes_name_the_key(change, message):
@@ -75,3 +76,9 @@ def test_nvdec_needs_a_gpu_engine():
     data["runtime"] = {"letterbox_device": "cpu"}  # NVDEC's frames never reach the host: refused, not failing per batch
     with pytest.raises(ConfigError, match=r"^c.yaml: runtime.letterbox_device: cpu cannot letterbox NVDEC frames"):
         parse_config(data, "c.yaml")
+
+
+def test_a_many_gpu_host_gets_its_workers():
+    """4 GPUs x 144 cameras at 8 a worker is 72 workers (the cap was 64, which stopped the 4-GPU load run)."""
+    config = parse_config({**BASE, "runtime": {"workers": 72, "worker_devices": [0, 1, 2, 3]}}, "cfg.yaml")
+    assert config.runtime.workers == 72 and config.runtime.worker_devices == [0, 1, 2, 3]
