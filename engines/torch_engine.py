@@ -19,6 +19,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -272,6 +273,20 @@ class _CompileCache:
             self._lock = None
 
 
+def single_compile_thread(torch) -> None:
+    """No pool of compile subprocesses in this process: with the artifacts cached there is nothing
+    to compile, and inductor otherwise starts one pool a process when it is first used (on a 4-GPU
+    host, 64 workers starting together with their pools left 176 of 576 cameras up after 240 s; with
+    TORCHINDUCTOR_COMPILE_THREADS=1 all were up within 96 s; bench/results/load.md). Read lazily by
+    inductor, so it must be set before the first compiled call."""
+    try:
+        import torch._inductor.config as inductor_config  # not loaded until torch.compile first runs
+    except ImportError:  # a torch without inductor: nothing to set
+        return
+    if hasattr(inductor_config, "compile_threads"):
+        inductor_config.compile_threads = 1
+
+
 def import_torch():
     """PyTorch and onnx2torch, or the one line that says to install them."""
     try:
@@ -356,6 +371,8 @@ class TorchEngine(DeviceEngine):
         started = time.perf_counter()
         cached = self._compile_cache.load(torch)
         self._compile_started, self._compile_cached = started, cached
+        if cached and "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
+            single_compile_thread(torch)
         log.info("engine torch: compiling with inductor (%s)", "cached artifacts" if cached else
                  "no cached artifacts: about a minute, once per model, GPU and torch version")
         # static shapes: one specialisation per batch bucket (a dynamic batch makes the compiler add
