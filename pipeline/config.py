@@ -327,6 +327,12 @@ class RuntimeConfig(_Strict):
     # own CUDA context, publishing through one endpoint (pipeline/workers.py); 0 = one process
     workers: Annotated[int, Field(ge=0, le=MAX_WORKERS)] = 0
     worker_devices: Annotated[list[Annotated[int, Field(ge=0, le=MAX_DEVICE)]], Field(max_length=64)] = []  # GPU of worker i: worker_devices[i % len]; [] = engine.device
+    # worker mode: "go" waits (as well as for publish.wait_subscribers) until every worker has loaded and
+    # warmed its engine, at most this long; past it the ready workers start and the others when ready
+    start_timeout_s: Seconds = 600.0
+    # worker mode: a running worker not heard from for this long is named in a warning and its threads'
+    # stacks are dumped into the log (it is not killed or restarted)
+    worker_silence_s: Seconds = 15.0
     # the HTTP server (Prometheus /metrics, /healthz, /readyz, the /cameras API): HOST:PORT, off when
     # unset; port 0 = a free one (logged). Beyond loopback it needs api_token or api_insecure
     metrics_bind: Annotated[str, Field(pattern=r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}$")] | None = None

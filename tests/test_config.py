@@ -38,6 +38,8 @@ def test_env_interpolation_with_default(monkeypatch):
     ({"cameras": [{"id": "a", "url": "ftp://h/x.mp4"}]}, "cameras[0].url: Value error, unsupported URL scheme 'ftp'"),
     ({"runtime": {"host_slots": 10**7}}, "runtime.host_slots: Input should be less than or equal to 64"),
     ({"runtime": {"workers": 257}}, "runtime.workers: Input should be less than or equal to 256"),
+    ({"runtime": {"start_timeout_s": 0}}, "runtime.start_timeout_s: Input should be greater than 0"),
+    ({"runtime": {"worker_silence_s": "soon"}}, "runtime.worker_silence_s: Input should be a valid number"),
     ({"model": {"path": "m", "preset": "yolox", "classes": []}}, "model.classes: List should have at least 1 item"),
 ])
 def test_mistakes_name_the_key(change, message):
@@ -82,3 +84,4 @@ def test_a_many_gpu_host_gets_its_workers():
     """4 GPUs x 144 cameras at 8 a worker is 72 workers (the cap was 64, which stopped the 4-GPU load run)."""
     config = parse_config({**BASE, "runtime": {"workers": 72, "worker_devices": [0, 1, 2, 3]}}, "cfg.yaml")
     assert config.runtime.workers == 72 and config.runtime.worker_devices == [0, 1, 2, 3]
+    assert config.runtime.start_timeout_s == 600 and config.runtime.worker_silence_s == 15  # generous defaults
