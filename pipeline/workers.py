@@ -120,7 +120,7 @@ class WorkerReports:
         self._closed.set()
         self._send("done")
         with self._lock:
-            self.socket.close(0)
+            self.socket.close(linger=500)  # time for "done" to leave (a local socket: far less is needed)
         self.context.term()
 
 
