@@ -14,7 +14,10 @@ and in fp16 autocast variants, and prints:
    recentring, the calibrated input mean taken out of each convolution's input and folded, in
    fp32, into a bias map (exact in real numbers). The error comes from fp16's rounding of the
    large, nearly constant input channels when the previous layer writes them, which recentring
-   after the write cannot undo.
+   after the write cannot undo;
+4. the fix at the write (bench/fp16_rewrites.py): activations stored minus a per-channel constant
+   (folded exactly into the biases), the raw pixels centred on 128, conv 0's weights split into two
+   fp16 halves. bench/fp16_emulate.py measures it on the CPU by emulating fp16.
 
     python bench/fp16_precision.py [--frames 320] [--out bench/results]
 """
@@ -35,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import CLIP, MODEL, append_results, commit  # noqa: E402
+from bench.fp16_rewrites import centre_pixels, shift_activations  # noqa: E402
 from engines.torch_engine import TorchEngine, _replace, convolutions, fp32_layers  # noqa: E402
 from pipeline.model import prepare_model  # noqa: E402
 from stages.letterbox import letterbox_into  # noqa: E402
@@ -218,7 +222,9 @@ def main() -> int:
                 ("all fp16, recentred on synthetic images",
                  lambda m: recentre_convolutions(m, calibration_images(8, 416, 416))),
                 ("all fp16, recentred on 64 demo frames", lambda m: recentre_convolutions(m, calibration)),
-                ("all fp16, recentred 1x1 convs only", lambda m: recentre_convolutions(m, calibration, only_pointwise=True))]
+                ("all fp16, recentred 1x1 convs only", lambda m: recentre_convolutions(m, calibration, only_pointwise=True)),
+                ("all fp16, centred pixels (split conv-0 weights) + shifted activations (synthetic calibration)",
+                 lambda m: (centre_pixels(m), shift_activations(m, calibration_images(8, 416, 416))))]
     for name, apply in variants:
         module = fresh()
         apply(module)

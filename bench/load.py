@@ -11,7 +11,9 @@ subscriber here receives every detection message and measures, over a window aft
 - capture-to-publish latency p50/p99 (capture = when the frame's packet was due; so decode
   time and any queueing count);
 - frames lost (gaps in each camera's frame numbers: dropped in queues or never published);
-- CPU cores used by the pipeline's processes and GPU / NVDEC utilisation (NVML).
+- CPU cores used by the pipeline's processes and GPU / NVDEC utilisation (NVML);
+- start-up: seconds from launching `run.py` to every camera publishing (with a compiled engine and
+  many workers, loading the artifacts is most of it).
 
 A stream count passes when, in every one of `--windows` consecutive windows (3 by default: one
 10 s window's p99 is noisy), every stream holds >= 95% of 30 fps, the total >= 98% of N x 30 and
@@ -202,10 +204,12 @@ def measure(clips: list[Path], streams: int, decoder: str, args, workdir: Path, 
                                    stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     result: dict = {"streams": streams, "decoder": decoder, "workers": workers_for(streams, args)}
     try:
-        deadline = time.time() + args.startup_timeout
+        launched = time.time()
+        deadline = launched + args.startup_timeout
         # every camera (every worker) must be up before the warm-up starts
         while len(collector.cameras_seen) < streams and time.time() < deadline and process.poll() is None:
             time.sleep(0.2)
+        result["startup_s"] = round(time.time() - launched, 1)  # from launch to every camera publishing
         if len(collector.cameras_seen) < streams:
             if process.poll() is not None:
                 last = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()][-1:]
@@ -374,9 +378,9 @@ def main() -> int:
              + ("engine compiled | " if args.compile else "")
              + f"{args.windows} x {args.duration:g} s windows"
              + (f" | {args.label}" if args.label else ""))
-    header = ("| input | decoder | GPUs | streams | workers | pass | fps total | fps/stream min | mean | p50 ms | p99 ms (worst) | "
+    header = ("| input | decoder | GPUs | streams | workers | start s | pass | fps total | fps/stream min | mean | p50 ms | p99 ms (worst) | "
               "p99 ms per window | max ms | lost | CPU cores | GPU % | NVDEC % | GPU ms/frame | infer p50 ms |")
-    lines = [f"# Load: {title}", "", header, "| " + " | ".join(["---"] * 19) + " |"]
+    lines = [f"# Load: {title}", "", header, "| " + " | ".join(["---"] * 20) + " |"]
     print("\n".join(lines), flush=True)
     results = []
     gpu_counts = [int(n) for n in args.gpus.split(",")]
@@ -395,7 +399,7 @@ def main() -> int:
             if "error" in r:
                 line = f"| {input_shape} | {decoder} | {gpus_used} | {streams} | error: {r['error']} |"
             else:
-                line = (f"| {input_shape} | {decoder} | {gpus_used} | {streams} | {r['workers']} | {'yes' if r['pass'] else 'no'} | {r['fps_total']} | {r['fps_stream_min']} | "
+                line = (f"| {input_shape} | {decoder} | {gpus_used} | {streams} | {r['workers']} | {r['startup_s']} | {'yes' if r['pass'] else 'no'} | {r['fps_total']} | {r['fps_stream_min']} | "
                         f"{r['fps_stream_mean']} | {r['latency_p50_ms']} | {r['latency_p99_ms']} | "
                         f"{' / '.join(str(v) for v in r['latency_p99_ms_windows'])} | {r['latency_max_ms']} | "
                         f"{r['lost_frames']} | {r['cpu_cores']} | {r.get('gpu_util_pct', '?')} | {r.get('nvdec_util_pct', '?')} | "
