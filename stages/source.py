@@ -141,17 +141,21 @@ def _read_timeout(camera: CameraConfig) -> float:
 class _Lag:
     """How far a live camera is behind its own timestamps, and whether to skip to the next keyframe.
 
-    A paced file knows when each packet was due. A network camera's packets are compared with the
-    first one's arrival: lateness = time since then - timestamp advance since then. A read that had to
-    wait (about half a frame interval or more) means nothing was queued, so the camera is not behind:
-    the reference moves to that packet (the camera's clock may drift from ours, or its timestamps jump).
-    Past `max_lag_s`, packets are dropped undecoded until a keyframe at most half that late (or one
-    after the backlog emptied): decoding resumes there with nothing missing from its references."""
+    A paced file knows when each packet was due. For a network camera, each packet's offset (arrival
+    minus timestamp) is compared with the smallest offset seen, the packet that waited least in any
+    queue: the difference is how long this one waited. The baseline creeps up by DRIFT (1 ms a
+    second) so that a camera whose clock runs slow never looks late. Past `max_lag_s`, packets are
+    dropped undecoded until a keyframe at most half that late, or until a read waits (nothing queued:
+    the backlog is gone, and if the timestamps jumped back the baseline is taken anew there);
+    decoding resumes at that keyframe with nothing missing from its references."""
+
+    DRIFT = 1e-3
 
     def __init__(self, max_lag_s: float | None, frame_interval_s: float):
         self.max_lag_s = max_lag_s
         self.caught_up_wait_s = frame_interval_s / 2
-        self.reference: tuple[float, float] | None = None  # (monotonic arrival, timestamp s)
+        self.baseline: float | None = None  # smallest arrival - timestamp seen (s), crept up by DRIFT
+        self.baseline_at = 0.0
         self.skipping = False
         self.skipped = 0  # frames skipped in the current or last catch-up
         self.behind_s = 0.0  # how late the catch-up found the camera
@@ -159,15 +163,16 @@ class _Lag:
 
     def late_by(self, stamp_s: float, read_s: float) -> float:
         now = time.monotonic()
-        if self.reference is None or read_s >= self.caught_up_wait_s:
-            self.reference = (now, stamp_s)
-            self.drained = self.drained or self.skipping
-            return 0.0
-        late = (now - self.reference[0]) - (stamp_s - self.reference[1])
-        if late < 0:  # earlier than the reference predicted: a better reference
-            self.reference = (now, stamp_s)
-            return 0.0
-        return late
+        offset = now - stamp_s
+        if self.baseline is None:
+            self.baseline = offset
+        else:
+            self.baseline += (now - self.baseline_at) * self.DRIFT
+            if self.skipping and read_s >= self.caught_up_wait_s:
+                self.drained, self.baseline = True, offset
+            self.baseline = min(self.baseline, offset)
+        self.baseline_at = now
+        return offset - self.baseline
 
     def skip(self, late_s: float, keyframe: bool) -> bool:
         if self.max_lag_s is None:
