@@ -124,6 +124,9 @@ class CameraConfig(_Strict):
     reconnect_base_s: Seconds = 0.5
     reconnect_cap_s: Seconds = 10.0
     stall_timeout_s: Seconds = 5.0
+    # a live camera this far behind its own timestamps (decoding slower than it sends, or stalled) skips
+    # to the next keyframe; the skipped frames are counted as `late` drops. None: never skip
+    max_lag_s: Seconds | None = 2.0
     live: bool | None = None  # None = decided from the URL (network and devices are live)
     tracking: TrackingOverride | None = None  # this camera's changes to the top-level `tracking`
     zones: list[ZoneConfig] = []  # analytics on tracks, in source pixels (need tracking)
