@@ -174,6 +174,7 @@ class Pipeline:
                             *([self.track] if self.track else []), self.publish]
         self.status = StatusReporter([s.metrics for s in self.stages], self.publish.metrics)
         self._changing = threading.Lock()  # one camera change at a time
+        self.started = False  # start() has started the stages: a camera added before waits for it
         self.removed_cameras: dict[str, dict] = {}  # id -> final statistics, for the summary
 
     @property
@@ -220,7 +221,8 @@ class Pipeline:
             self.sources = [*self.sources, source]
             self.config = self.config.model_copy(update={"cameras": [*self.config.cameras, camera]})
             self.status.metrics = [s.metrics for s in self.stages]
-            source.start()
+            if self.started:  # added while waiting for subscribers (or workers): start() starts it, once
+                source.start()
             log.info("camera %s added: %s", camera.id, source.safe_url)
             return source
 
@@ -274,7 +276,10 @@ class Pipeline:
             elif got < wanted:
                 log.warning("publish: %d of %d subscribers after %.1f s; starting anyway", got, wanted,
                             publish.wait_timeout_s)
-        for stage in reversed(self.stages):  # consumers first
+        with self._changing:  # a camera added from here on starts itself
+            self.started = True
+            stages = list(reversed(self.stages))  # consumers first
+        for stage in stages:
             stage.start()
 
     def stop(self) -> None:

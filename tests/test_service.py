@@ -254,3 +254,44 @@ def test_workers_one_metrics_endpoint_and_new_cameras_on_the_least_loaded(tmp_pa
     for camera_id in ("b", "c", "d"):
         got = [m["frame"] for m in detections(messages, camera_id)]
         assert got == list(range(len(got))), camera_id
+
+
+def test_a_camera_added_while_the_run_waits_for_subscribers_starts_once(tmp_path):
+    """POST /cameras before the stages start (the run waits for its subscriber; a worker waits for the
+    others): the camera joins and starts with the rest, once. Starting it there too ran two decoders
+    on one camera: duplicated frame numbers, or a worker killed by SIGSEGV."""
+    paced = small_clip(tmp_path / "paced.mp4", 30, paced_fps(2))
+    late = small_clip(tmp_path / "late.mp4", 40, 25)
+    port = free_port()
+    path, config = make_config(tmp_path, [{"id": "paced", "url": str(paced), "loop": True, "realtime": True}],
+                               publish={"wait_subscribers": 1, "wait_timeout_s": 120},
+                               runtime={"metrics_bind": f"127.0.0.1:{port}"})
+    base = f"http://127.0.0.1:{port}"
+    process = start_cli("--config", str(path))
+    subscriber = None
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # the model loaded: the run now waits for its subscriber, stages not started
+            assert process.poll() is None and time.monotonic() < deadline, "never waited for a subscriber"
+            try:
+                if json.loads(http("GET", f"{base}/readyz", timeout=5)[1]).get("model_loaded"):
+                    break
+            except (urllib.error.URLError, ConnectionError, ValueError):
+                pass
+            time.sleep(0.2)
+        status, body = http("POST", f"{base}/cameras", {"id": "late", "url": str(late)})
+        assert status == 201, body
+        subscriber = Subscriber(config["publish"]["bind"], [b"det/"])
+        # a file's end message goes out when the run ends: its 40 frames, then the stop
+        messages = subscriber.collect(lambda ms: len(detections(ms, "late")) >= 40, timeout=120)
+        time.sleep(1.0)  # a duplicated decoder would still be publishing
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+        messages = subscriber.collect(lambda ms: False, timeout=0.5)  # everything received so far
+    finally:
+        process.kill()
+        if subscriber is not None:
+            subscriber.close()
+    assert process.returncode == 0, err[-2000:]
+    frames = [m["frame"] for m in detections(messages, "late")]
+    assert frames == list(range(40)), frames
