@@ -39,6 +39,8 @@ def test_env_interpolation_with_default(monkeypatch):
     ({"runtime": {"host_slots": 10**7}}, "runtime.host_slots: Input should be less than or equal to 64"),
     ({"runtime": {"workers": 257}}, "runtime.workers: Input should be less than or equal to 256"),
     ({"model": {"path": "m", "preset": "yolox", "classes": []}}, "model.classes: List should have at least 1 item"),
+    ({"engine": {"kind": "torch", "fp16_exact": True}}, "engine: Value error, fp16_exact rewrites the torch engine's fp16"),
+    ({"engine": {"kind": "tensorrt", "fp16": True, "fp16_exact": True}}, "engine: Value error, fp16_exact rewrites"),
 ])
 def test_mistakes_name_the_key(change, message):
     with pytest.raises(ConfigError) as error:
@@ -82,3 +84,9 @@ def test_a_many_gpu_host_gets_its_workers():
     """4 GPUs x 144 cameras at 8 a worker is 72 workers (the cap was 64, which stopped the 4-GPU load run)."""
     config = parse_config({**BASE, "runtime": {"workers": 72, "worker_devices": [0, 1, 2, 3]}}, "cfg.yaml")
     assert config.runtime.workers == 72 and config.runtime.worker_devices == [0, 1, 2, 3]
+
+
+def test_fp16_exact_is_off_by_default_and_needs_torch_fp16():
+    assert not parse_config(BASE, "c.yaml").engine.fp16_exact  # not yet run on a GPU
+    config = parse_config({**BASE, "engine": {"kind": "torch", "fp16": True, "fp16_exact": True}}, "c.yaml")
+    assert config.engine.fp16_exact
