@@ -4,10 +4,11 @@
 Autocast stores every activation in fp16 and runs convolutions on fp16 inputs and weights with
 fp32 accumulation (cuDNN). The emulation does the same in fp32 arithmetic: every floating tensor a
 torch op returns is rounded to fp16 and back, and a convolution's input, weight and bias are
-rounded before it runs (its sum and bias add stay fp32, its output is rounded). It is checked
+rounded before it runs; its output is rounded. Early bias: the sum and bias add stay fp32; late
+bias (as PyTorch does on the GPU): the sum is rounded before the fp16 bias is added. It is checked
 against the GPU's numbers (bench/results/fp16_precision.md) before any variant is judged by it.
 
-    python bench/fp16_emulate.py [--frames 320] [--attribute 10] [--out bench/results]
+    python bench/fp16_emulate.py [--frames 320] [--attribute 10] [--emulation early|late|both] [--variants all|new]
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import CLIP, MODEL, append_results, commit  # noqa: E402
-from engines.torch_fp16 import calibration_images, centre_pixels, shift_activations  # noqa: E402
+from engines.torch_fp16 import calibration_images, centre_pixels, make_fp16_exact, shift_activations  # noqa: E402
 from engines.torch_engine import TorchEngine, _replace, convolutions, fp32_layers  # noqa: E402
 from pipeline.model import prepare_model  # noqa: E402
 from stages.letterbox import letterbox_into  # noqa: E402
@@ -207,7 +207,9 @@ def main() -> int:
                 ("all fp16, recentred on 64 demo frames", lambda m: recentre_convolutions(m, calibration)),
                 ("all fp16, recentred 1x1 convs only", lambda m: recentre_convolutions(m, calibration, only_pointwise=True)),
                 ("all fp16, centred pixels (split conv-0 weights) + shifted activations (synthetic calibration)",
-                 lambda m: (centre_pixels(m), shift_activations(m, calibration_images(8, 416, 416))))]
+                 lambda m: (centre_pixels(m), shift_activations(m, calibration_images(8, 416, 416)))),
+                ("all fp16, engine.fp16_exact (the above, every SiLU output centred, convs 1-9 split)",
+                 lambda m: make_fp16_exact(m, (416, 416)))]
     for name, apply in variants:
         module = fresh()
         apply(module)
