@@ -153,3 +153,22 @@ def test_rewrites_build_no_tensors_per_call(setup):
     assert counts[1] <= counts[0]
     added = [m for name, m in module.named_children() if name.startswith(("shifted_", "split_", "centred_"))]
     assert added and all(not list(m.parameters(recurse=False)) for m in added)
+
+
+def test_rewritten_module_traces_as_one_graph(setup):
+    """torch.compile can take the rewritten module whole: dynamo traces it as one graph with no
+    break (a rewrite reading host values or calling Python per tensor would break it)."""
+    import torch
+
+    from bench.fp16_emulate import cpu_module
+    from engines.torch_engine import _keep_shape_constants_on_host, _static_shape_modules
+    from engines.torch_fp16 import make_fp16_exact
+
+    prepared, *_ = setup
+    module = cpu_module(prepared)
+    _keep_shape_constants_on_host(module)
+    make_fp16_exact(module, (416, 416), calibration=1)
+    _static_shape_modules(module)  # as the engine does with engine.compile
+    with torch.no_grad():
+        explain = torch._dynamo.explain(module)(torch.zeros((2, 416, 416, 3), dtype=torch.uint8))
+    assert explain.graph_break_count == 0 and explain.graph_count == 1, explain.break_reasons
