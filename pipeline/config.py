@@ -226,6 +226,9 @@ class EngineConfig(_Strict):
     device: Annotated[int, Field(ge=0, le=MAX_DEVICE)] = 0
     fp16: bool = False
     fp32_first_convs: Annotated[int, Field(ge=0, le=100_000)] = 16  # torch fp16: keep these first convolutions in fp32
+    # torch fp16: every layer in fp16, through exact rewrites (engines/torch_fp16.py); implies
+    # fp32_first_convs 0. Off: measured only in CPU emulation so far, not yet on a GPU
+    fp16_exact: bool = False
     cuda_graphs: bool = False  # torch only: replay captured CUDA graphs
     # torch only: torch.compile (inductor) with channels_last; compiled artifacts cached in compile_cache_dir
     compile: bool = False
@@ -241,6 +244,12 @@ class EngineConfig(_Strict):
     @property
     def on_gpu(self) -> bool:
         return self.kind in ("torch", "tensorrt")
+
+    @model_validator(mode="after")
+    def _fp16_exact_needs_fp16(self) -> "EngineConfig":
+        if self.fp16_exact and (self.kind != "torch" or not self.fp16):
+            raise ValueError("fp16_exact rewrites the torch engine's fp16 model: it needs kind torch and fp16: true")
+        return self
 
 
 class PreviewConfig(_Strict):

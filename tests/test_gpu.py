@@ -108,6 +108,10 @@ def cpu_frames(tmp_path_factory):
     ({"kind": "torch", "lanes": 2, "max_batch": 8}, 0.01),
     ({"kind": "torch", "lanes": 3, "max_batch": 8, "fp16": True, "cuda_graphs": True}, 0.02),
     ({"kind": "torch", "lanes": 1, "max_batch": 1}, 0.01),
+    # every layer fp16 through engines/torch_fp16.py (emulated on the CPU only when this was written)
+    ({"kind": "torch", "lanes": 2, "max_batch": 8, "fp16": True, "fp16_exact": True, "cuda_graphs": True}, 0.02),
+    ({"kind": "torch", "lanes": 2, "max_batch": 8, "fp16": True, "fp16_exact": True, "cuda_graphs": True,
+      "compile": True}, 0.02),
 ])
 def test_gpu_detections_match_the_cpu_engine(tmp_path, cpu_frames, engine, score_tol):
     cpu = cpu_frames
