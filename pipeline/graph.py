@@ -221,7 +221,7 @@ class Pipeline:
             self.sources = [*self.sources, source]
             self.config = self.config.model_copy(update={"cameras": [*self.config.cameras, camera]})
             self.status.metrics = [s.metrics for s in self.stages]
-            if self.started:  # added while waiting for subscribers (or workers): start() starts it, once
+            if self.started:  # running: start it now; added before (the run waiting for subscribers), start() starts it, once
                 source.start()
             log.info("camera %s added: %s", camera.id, source.safe_url)
             return source
