@@ -105,11 +105,22 @@ def cmd_run(args) -> int:
         service.curve = pipeline.curve  # SIGHUP re-reads the admitted subscriber keys too
     log.info("running %d camera(s) with %s, batch <= %d, publishing on %s", len(config.cameras),
              pipeline.engine.name, pipeline.engine.max_batch, pipeline.endpoint)
-    subscribers = None
-    if worker is not None and config.publish.wait_subscribers:
-        # the supervisor counts the subscribers at its endpoint and says go; its proxy passes each
-        # topic on once, so this worker then waits only until a subscription has reached it
-        subscribers = min(1, channel.subscribers) if channel.wait_go() else 0
+    subscribers = reports = None
+    if worker is not None:
+        # say ready (model loaded, lanes built, no source started) and wait for the go, which comes once
+        # every worker is ready: cameras started early would build a backlog while the others load
+        from pipeline.workers import WorkerReports, ready_delay_for_tests
+
+        if ready_delay_for_tests(worker):
+            stop_requested.wait(ready_delay_for_tests(worker))
+        if args.reports:
+            reports = WorkerReports(args.reports, worker, min(1.0, config.runtime.worker_silence_s / 4))
+            reports.ready()
+        go = channel.wait_go()
+        if config.publish.wait_subscribers:
+            # the supervisor counts the subscribers at its endpoint; its proxy passes each topic on
+            # once, so this worker then waits only until a subscription has reached it
+            subscribers = min(1, channel.subscribers) if go else 0
     pipeline.start(stop_requested, subscribers)
     drained = pipeline.wait(stop_requested=stop_requested)
     blocked = pipeline.join_sources(timeout=0.5)
@@ -122,6 +133,8 @@ def cmd_run(args) -> int:
     if server is not None:
         server.stop()
     pipeline.close()  # the publisher's last messages leave here (within the shutdown deadline)
+    if reports is not None:
+        reports.close()
     if pipeline.sinks:  # as they stand once the brokers had the deadline for what was buffered
         summary["sinks"] = {sink.name: sink.snapshot() for sink in pipeline.sinks}
     # what is still running besides this thread (stray threads are a bug; a blocked reader is named above)
@@ -339,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--worker", metavar="I/N", type=_worker, help=argparse.SUPPRESS)  # set by the supervisor (runtime.workers)
     run.add_argument("--publish-connect", metavar="ENDPOINT", help=argparse.SUPPRESS)
     run.add_argument("--control", metavar="ENDPOINT", help=argparse.SUPPRESS)  # a worker's control socket
+    run.add_argument("--reports", metavar="ENDPOINT", help=argparse.SUPPRESS)  # a worker's ready and beats
     run.set_defaults(func=cmd_run)
 
     export = commands.add_parser("export-triton", help="write a Triton model repository for the config's model")

@@ -15,7 +15,7 @@ and in fp16 autocast variants, and prints:
    fp32, into a bias map (exact in real numbers). The error comes from fp16's rounding of the
    large, nearly constant input channels when the previous layer writes them, which recentring
    after the write cannot undo;
-4. the fix at the write (bench/fp16_rewrites.py): activations stored minus a per-channel constant
+4. the fix at the write (engines/torch_fp16.py): activations stored minus a per-channel constant
    (folded exactly into the biases), the raw pixels centred on 128, conv 0's weights split into two
    fp16 halves. bench/fp16_emulate.py measures it on the CPU by emulating fp16.
 
@@ -38,27 +38,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import CLIP, MODEL, append_results, commit  # noqa: E402
-from bench.fp16_rewrites import centre_pixels, shift_activations  # noqa: E402
+from engines.torch_fp16 import calibration_images, centre_pixels, make_fp16_exact, shift_activations  # noqa: E402
 from engines.torch_engine import TorchEngine, _replace, convolutions, fp32_layers  # noqa: E402
 from pipeline.model import prepare_model  # noqa: E402
 from stages.letterbox import letterbox_into  # noqa: E402
-
-
-def calibration_images(count: int, h: int, w: int, seed: int = 0) -> np.ndarray:
-    """uint8 [count, h, w, 3] images with natural images' first statistics (mid-grey mean, smooth
-    structure at several scales, some letterbox padding): what recentring needs, with no asset."""
-    import cv2
-
-    rng = np.random.default_rng(seed)
-    out = np.empty((count, h, w, 3), np.uint8)
-    for i in range(count):
-        image = np.zeros((h, w, 3), np.float32)
-        for cells, weight in ((4, 0.5), (16, 0.3), (64, 0.2)):
-            noise = rng.uniform(0, 255, (cells, cells, 3)).astype(np.float32)
-            image += weight * cv2.resize(noise, (w, h), interpolation=cv2.INTER_CUBIC)
-        out[i] = np.clip(image, 0, 255).astype(np.uint8)
-        out[i, int(h * rng.uniform(0.55, 0.8)):] = 114  # padding below a wide frame
-    return out
 
 
 def recentre_convolutions(module, images: np.ndarray, only_pointwise: bool = False) -> int:
@@ -224,7 +207,9 @@ def main() -> int:
                 ("all fp16, recentred on 64 demo frames", lambda m: recentre_convolutions(m, calibration)),
                 ("all fp16, recentred 1x1 convs only", lambda m: recentre_convolutions(m, calibration, only_pointwise=True)),
                 ("all fp16, centred pixels (split conv-0 weights) + shifted activations (synthetic calibration)",
-                 lambda m: (centre_pixels(m), shift_activations(m, calibration_images(8, 416, 416))))]
+                 lambda m: (centre_pixels(m), shift_activations(m, calibration_images(8, 416, 416)))),
+                ("all fp16, engine.fp16_exact (the above, every SiLU output centred, convs 1-9 split)",
+                 lambda m: make_fp16_exact(m, (416, 416)))]
     for name, apply in variants:
         module = fresh()
         apply(module)

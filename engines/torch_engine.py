@@ -19,6 +19,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -216,11 +217,13 @@ def _bucket(n: int, max_batch: int) -> int:
 
 
 def compile_key(model: PreparedModel, torch_version: str, gpu: str, capability: tuple[int, int], fp16: bool,
-                fp32_first_convs: int, buckets: list[int]) -> str:
+                fp32_first_convs: int, buckets: list[int], fp16_exact: bool = False) -> str:
     """Everything that makes compiled kernels valid for a run; a different key compiles anew."""
     fields = {"onnx": model.sha256, "torch": torch_version, "gpu": gpu, "sm": f"{capability[0]}.{capability[1]}",
               "fp16": fp16, "fp32_first_convs": fp32_first_convs if fp16 else 0, "buckets": buckets,
               "memory_format": "channels_last"}
+    if fp16 and fp16_exact:  # only when on, so the keys (and cached artifacts) of other runs stay as they were
+        fields["fp16_exact"] = True
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -272,6 +275,20 @@ class _CompileCache:
             self._lock = None
 
 
+def single_compile_thread(torch) -> None:
+    """No pool of compile subprocesses in this process: with the artifacts cached there is nothing
+    to compile, and inductor otherwise starts one pool a process when it is first used (on a 4-GPU
+    host, 64 workers starting together with their pools left 176 of 576 cameras up after 240 s; with
+    TORCHINDUCTOR_COMPILE_THREADS=1 all were up within 96 s; bench/results/load.md). Read lazily by
+    inductor, so it must be set before the first compiled call."""
+    try:
+        import torch._inductor.config as inductor_config  # not loaded until torch.compile first runs
+    except ImportError:  # a torch without inductor: nothing to set
+        return
+    if hasattr(inductor_config, "compile_threads"):
+        inductor_config.compile_threads = 1
+
+
 def import_torch():
     """PyTorch and onnx2torch, or the one line that says to install them."""
     try:
@@ -287,7 +304,8 @@ class TorchEngine(DeviceEngine):
     name = "torch"
 
     def __init__(self, model: PreparedModel, max_batch: int, fp16: bool = False, cuda_graphs: bool = False, device: int = 0,
-                 fp32_first_convs: int = 16, compile: bool = False, cache_dir: Path = Path("cache/torch")):
+                 fp32_first_convs: int = 16, compile: bool = False, cache_dir: Path = Path("cache/torch"),
+                 fp16_exact: bool = False):
         torch, convert = import_torch()
         import onnx
 
@@ -307,6 +325,15 @@ class TorchEngine(DeviceEngine):
         except Exception as exc:
             raise ModelError(f"model.path: onnx2torch cannot convert the model: {str(exc).splitlines()[0][:200]}") from None
         _keep_shape_constants_on_host(self.module)
+        self.fp16_exact = fp16 and fp16_exact
+        if self.fp16_exact:
+            # every layer fp16 through exact rewrites, on the fp32 module before autocast, compile
+            # and capture (engines/torch_fp16.py; emulated on the CPU only, not yet run on a GPU)
+            from engines.torch_fp16 import make_fp16_exact
+
+            changed = make_fp16_exact(self.module, tuple(model.input_hw))
+            log.info("engine torch: fp16_exact rewrites %s", changed)
+            fp32_first_convs = 0
         if compile:
             _static_shape_modules(self.module)
         self.fp16, self.cuda_graphs = fp16, cuda_graphs
@@ -351,11 +378,14 @@ class TorchEngine(DeviceEngine):
             if hasattr(dynamo, name):
                 setattr(dynamo, name, max(getattr(dynamo, name), 256))
         key = compile_key(model, torch.__version__, cuda.device_name(self.device.index),
-                          cuda.compute_capability(self.device.index), self.fp16, fp32_first_convs, sizes)
+                          cuda.compute_capability(self.device.index), self.fp16, fp32_first_convs, sizes,
+                          self.fp16_exact)
         self._compile_cache = _CompileCache(cache_dir, key)
         started = time.perf_counter()
         cached = self._compile_cache.load(torch)
         self._compile_started, self._compile_cached = started, cached
+        if cached and "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
+            single_compile_thread(torch)
         log.info("engine torch: compiling with inductor (%s)", "cached artifacts" if cached else
                  "no cached artifacts: about a minute, once per model, GPU and torch version")
         # static shapes: one specialisation per batch bucket (a dynamic batch makes the compiler add

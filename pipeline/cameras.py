@@ -180,8 +180,9 @@ class WorkerLink:
 class WorkerCameras:
     """The supervisor's backend: cameras over its workers (`links[i]` is worker i's control socket)."""
 
-    def __init__(self, config: Config, links: list[WorkerLink], placed: dict[str, int], alive):
+    def __init__(self, config: Config, links: list[WorkerLink], placed: dict[str, int], alive, silences=dict):
         self.config = config
+        self.silences = silences  # worker index -> how many times it went silent (workers.Heartbeats)
         self.links = links
         self.placed = dict(placed)  # camera id -> worker index
         self.configs = {c.id: c for c in config.cameras if c.id in placed}
@@ -252,10 +253,11 @@ class WorkerCameras:
 
     def families(self) -> list:
         """Every worker's families under one name each, and which workers answered."""
-        from pipeline.exporter import merge, workers_up
+        from pipeline.exporter import merge, worker_silences, workers_up
 
         answers = self.fetch_families()
-        return [workers_up(answers), *merge(*(families for families in answers.values() if families))]
+        return [workers_up(answers), worker_silences(self.silences()),
+                *merge(*(families for families in answers.values() if families))]
 
 
 # -- the service: one thread of changes, and SIGHUP ---------------------------------------------

@@ -124,6 +124,9 @@ class CameraConfig(_Strict):
     reconnect_base_s: Seconds = 0.5
     reconnect_cap_s: Seconds = 10.0
     stall_timeout_s: Seconds = 5.0
+    # a live camera this far behind its own timestamps (decoding slower than it sends, or stalled) skips
+    # to the next keyframe; the skipped frames are counted as `late` drops. None: never skip
+    max_lag_s: Seconds | None = 2.0
     live: bool | None = None  # None = decided from the URL (network and devices are live)
     tracking: TrackingOverride | None = None  # this camera's changes to the top-level `tracking`
     zones: list[ZoneConfig] = []  # analytics on tracks, in source pixels (need tracking)
@@ -223,6 +226,9 @@ class EngineConfig(_Strict):
     device: Annotated[int, Field(ge=0, le=MAX_DEVICE)] = 0
     fp16: bool = False
     fp32_first_convs: Annotated[int, Field(ge=0, le=100_000)] = 16  # torch fp16: keep these first convolutions in fp32
+    # torch fp16: every layer in fp16, through exact rewrites (engines/torch_fp16.py); implies
+    # fp32_first_convs 0. Off: measured only in CPU emulation so far, not yet on a GPU
+    fp16_exact: bool = False
     cuda_graphs: bool = False  # torch only: replay captured CUDA graphs
     # torch only: torch.compile (inductor) with channels_last; compiled artifacts cached in compile_cache_dir
     compile: bool = False
@@ -238,6 +244,12 @@ class EngineConfig(_Strict):
     @property
     def on_gpu(self) -> bool:
         return self.kind in ("torch", "tensorrt")
+
+    @model_validator(mode="after")
+    def _fp16_exact_needs_fp16(self) -> "EngineConfig":
+        if self.fp16_exact and (self.kind != "torch" or not self.fp16):
+            raise ValueError("fp16_exact rewrites the torch engine's fp16 model: it needs kind torch and fp16: true")
+        return self
 
 
 class PreviewConfig(_Strict):
@@ -327,6 +339,12 @@ class RuntimeConfig(_Strict):
     # own CUDA context, publishing through one endpoint (pipeline/workers.py); 0 = one process
     workers: Annotated[int, Field(ge=0, le=MAX_WORKERS)] = 0
     worker_devices: Annotated[list[Annotated[int, Field(ge=0, le=MAX_DEVICE)]], Field(max_length=64)] = []  # GPU of worker i: worker_devices[i % len]; [] = engine.device
+    # worker mode: "go" waits (as well as for publish.wait_subscribers) until every worker has loaded and
+    # warmed its engine, at most this long; past it the ready workers start and the others when ready
+    start_timeout_s: Seconds = 600.0
+    # worker mode: a running worker not heard from for this long is named in a warning and its threads'
+    # stacks are dumped into the log (it is not killed or restarted)
+    worker_silence_s: Seconds = 15.0
     # the HTTP server (Prometheus /metrics, /healthz, /readyz, the /cameras API): HOST:PORT, off when
     # unset; port 0 = a free one (logged). Beyond loopback it needs api_token or api_insecure
     metrics_bind: Annotated[str, Field(pattern=r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}$")] | None = None

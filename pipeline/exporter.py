@@ -159,3 +159,8 @@ def render(families: list[Family]) -> str:
 def workers_up(answers: dict[int, list | None]) -> Family:
     return ["vapipe_worker_up", "gauge", "1 when the worker answered this scrape",
             [f'vapipe_worker_up{{worker="{index}"}} {0 if families is None else 1}' for index, families in sorted(answers.items())]]
+
+
+def worker_silences(counts: dict[int, int]) -> Family:
+    return ["vapipe_worker_silences_total", "counter", "Times the worker was not heard from for runtime.worker_silence_s",
+            [f'vapipe_worker_silences_total{{worker="{index}"}} {count}' for index, count in sorted(counts.items())]]

@@ -9,12 +9,13 @@
 - Worker processes ignore SIGINT and SIGTERM (the terminal's Ctrl-C reaches the whole process
   group, systemd signals the whole control group: a worker would take the supervisor's own order as
   a second signal) and take orders only from their supervisor, over a pipe on their stdin:
-  `go N` (N subscribers are connected: start), `stop` (drain). End of file on that pipe means the
+  `go N` (every worker is ready and N subscribers are connected: start), `stop` (drain). End of file on that pipe means the
   supervisor is gone (killed, OOM): nobody can receive what the worker publishes, so it exits at once.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
@@ -74,6 +75,9 @@ class SupervisorChannel:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the supervisor re-reads the config and tells the workers
+        # a worker that goes silent gets SIGUSR1 from its supervisor: every thread's stack goes to the log
+        # (written from the signal handler in C, so it comes even while a thread holds the GIL)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
         self._thread.start()
         return self
 

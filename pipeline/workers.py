@@ -14,9 +14,13 @@ becomes a supervisor:
   ignore SIGINT/SIGTERM, and get their orders over a pipe on their stdin (`go N`, `stop`); a
   first signal tells every worker started so far to drain (and starts no more), a second kills
   them; if the supervisor dies, the pipe's end of file makes every worker exit;
-- it counts subscribers at its endpoint (`publish.wait_subscribers`), and says go once they are
-  there; if a worker fails, the others are stopped and the run exits non-zero, naming the worker
-  and its cameras; a worker still running well past the shutdown deadline is killed;
+- it says go once every worker has said ready (engine loaded and warmed, lanes built; at most
+  `runtime.start_timeout_s`) and the subscribers it counts at its endpoint (`publish.wait_subscribers`)
+  are there, so all cameras start together; if a worker fails, the others are stopped and the run
+  exits non-zero, naming the worker and its cameras; a worker still running well past the shutdown
+  deadline is killed;
+- it hears a beat from each ready worker (`WorkerReports`); one silent for `runtime.worker_silence_s`
+  is named in a warning and sent SIGUSR1, which writes its threads' stacks into the log;
 - it holds the publisher's CURVE keys (the proxy's front is the socket subscribers reach) and the
   control plane (pipeline/service.py, pipeline/cameras.py): /metrics merges every worker's, a new
   camera goes to the worker with the fewest, and SIGHUP is its alone (workers ignore it).
@@ -28,6 +32,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -57,6 +62,66 @@ def worker_config(config: Config, index: int, count: int) -> Config:
 
 def internal_endpoint(folder: str) -> str:
     return f"ipc://{folder}/publish.ipc"
+
+
+def reports_endpoint(folder: str) -> str:
+    return f"ipc://{folder}/reports.ipc"
+
+
+READY_DELAY_VARIABLE = "VAPIPE_TEST_READY_DELAY"  # for tests only: "<worker>:<seconds>"
+
+
+def ready_delay_for_tests(index: int) -> float:
+    """For tests only: how long worker `index` waits before it says ready (VAPIPE_TEST_READY_DELAY=1:5
+    makes worker 1 a slow starter, as a worker loading compiled artifacts on a starved host is)."""
+    worker, _, seconds = os.environ.get(READY_DELAY_VARIABLE, "").partition(":")
+    return float(seconds) if seconds and worker == str(index) else 0.0
+
+
+class WorkerReports:
+    """A worker's voice to its supervisor (ZeroMQ PUSH, one socket the supervisor pulls from): `ready`
+    once its pipeline is built (engine loaded and warmed, lanes built, no source started), then a beat
+    every `interval_s` from a thread of its own, so the supervisor notices a worker that goes silent.
+
+    Pushed, not asked for over the control socket: the supervisor reads every worker's reports with
+    one poll, and a silent worker costs it no timeout."""
+
+    def __init__(self, endpoint: str, index: int, interval_s: float):
+        self.index = index
+        self.interval_s = interval_s
+        self.context = zmq.Context()
+        self.socket = self.context.socket(zmq.PUSH)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.SNDHWM, 16)  # beats are worth nothing late: a full queue drops them
+        self.socket.connect(endpoint)
+        self._lock = threading.Lock()  # the main thread says ready, the beat thread beats
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="worker-beat", daemon=True)
+
+    def _send(self, kind: str) -> None:
+        with self._lock:
+            if self.socket.closed:
+                return
+            try:
+                self.socket.send(json.dumps({"worker": self.index, "kind": kind}).encode(), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # the supervisor is not reading (or gone: the stdin pipe's end of file says so)
+
+    def ready(self) -> None:
+        self._send("ready")
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._closed.wait(self.interval_s):
+            self._send("beat")
+
+    def close(self) -> None:
+        """Say done (the supervisor stops watching: interpreter exit is not silence) and close."""
+        self._closed.set()
+        self._send("done")
+        with self._lock:
+            self.socket.close(linger=500)  # time for "done" to leave (a local socket: far less is needed)
+        self.context.term()
 
 
 class Proxy:
@@ -129,11 +194,12 @@ class Worker:
         folder = str(summary.parent)
         command = [sys.executable, str(Path(__file__).resolve().parent.parent / "run.py"), "run", "--config", config_path,
                    "--worker", f"{index}/{count}", "--publish-connect", internal, "--summary-json", str(summary),
-                   "--control", control_endpoint(folder, index)]
+                   "--control", control_endpoint(folder, index), "--reports", reports_endpoint(folder)]
         if log_level:
             command += ["--log-level", log_level]
         self.index = index
         self.cameras = ", ".join(c.id for c in config.cameras[index::count])
+        self.started = time.monotonic()
         # its own process group: the terminal's Ctrl-C (and Ctrl-Z) reach the supervisor only
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, process_group=0,
                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -155,6 +221,98 @@ class Worker:
     def kill(self) -> None:
         if self.process.poll() is None:
             self.process.kill()
+
+
+class Heartbeats:
+    """The supervisor's end of the workers' reports (`WorkerReports`): who is ready and when, and who
+    has gone silent. A silent worker is named once in a warning and sent SIGUSR1, which makes it
+    write every thread's stack into the log (pipeline/shutdown.py); it is not killed or restarted.
+    It is watched from its ready on: before that, runtime.start_timeout_s bounds the wait for it."""
+
+    def __init__(self, context: zmq.Context, endpoint: str, workers: list[Worker], silence_s: float):
+        self.socket = context.socket(zmq.PULL)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.bind(endpoint)
+        self.workers = workers
+        self.silence_s = silence_s
+        self.started = time.monotonic()
+        self.ready_s: dict[int, float] = {}  # worker index -> seconds from its process start to its ready
+        self.ready_at: dict[int, float] = {}  # worker index -> wall-clock time of its ready
+        self.all_ready = False
+        self.heard: dict[int, float] = {}  # worker index -> when it was last heard from (monotonic)
+        self.silent: dict[int, dict] = {}  # worker index -> its silence, while it lasts
+        self.silences: list[dict] = []  # every silence: worker, pid, cameras, seconds (None while it lasts)
+        self.done: set[int] = set()  # workers that said they are done: their exit is not silence
+
+    def read(self, now: float) -> None:
+        """Take in what the workers said since the last call, without waiting."""
+        while True:
+            try:
+                report = json.loads(self.socket.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                break
+            index = report["worker"]
+            worker = self.workers[index]
+            # a beat says ready too (beats start with the ready): a lost ready costs one beat, not the start
+            if report["kind"] in ("ready", "beat") and index not in self.ready_s:
+                self.ready_s[index] = now - worker.started
+                self.ready_at[index] = time.time()
+                log.info("worker %d ready after %.1f s", index, self.ready_s[index])
+            if report["kind"] == "done":
+                self.done.add(index)
+            self.heard[index] = now
+            silence = self.silent.pop(index, None)
+            if silence is not None:
+                silence["seconds"] = round(now - silence["since"], 3)
+                log.warning("worker %d (pid %d) speaks again after %.1f s silent", index, worker.process.pid,
+                            silence["seconds"])
+        if not self.all_ready and self.settled():
+            ready = [w.index for w in self.workers if w.index in self.ready_s]
+            if ready:
+                slowest = max(ready, key=self.ready_s.get)
+                log.info("all %d workers ready in %.1f s (slowest: worker %d, %.1f s)", len(ready), now - self.started,
+                         slowest, self.ready_s[slowest])
+            self.all_ready = True
+
+    def settled(self) -> bool:
+        """Every worker has said ready (or has exited: the exit code decides what that means)."""
+        return all(w.index in self.ready_s or w.process.poll() is not None for w in self.workers)
+
+    def not_ready(self) -> list[Worker]:
+        return [w for w in self.workers if w.index not in self.ready_s and w.process.poll() is None]
+
+    def watch(self, now: float) -> None:
+        """Name each running worker that has been silent for `silence_s`, once a silence."""
+        for worker in self.workers:
+            index = worker.index
+            if index not in self.heard or index in self.silent or index in self.done or worker.process.poll() is not None:
+                continue
+            if now - self.heard[index] > self.silence_s:
+                silence = {"worker": index, "pid": worker.process.pid, "cameras": worker.cameras,
+                           "since": self.heard[index], "seconds": None}
+                self.silent[index] = silence
+                self.silences.append(silence)
+                log.warning("worker %d (pid %d, cameras %s) silent for %.1f s (runtime.worker_silence_s): "
+                            "its threads' stacks follow in the log (SIGUSR1); it is left running", index,
+                            worker.process.pid, worker.cameras, now - self.heard[index])
+                worker.process.send_signal(signal.SIGUSR1)
+
+    def silence_counts(self) -> dict[int, int]:
+        """For /metrics: how many times each worker went silent (every worker, 0s included)."""
+        counts = {w.index: 0 for w in self.workers}
+        for silence in self.silences:
+            counts[silence["worker"]] += 1
+        return counts
+
+    def summary(self, go_at: float | None) -> dict:
+        """For the run's summary: each worker's ready (seconds from its start, wall-clock time), when
+        the go was said (wall clock), and every silence (seconds None: it never spoke again)."""
+        return {"start": {"ready_s": {str(i): round(s, 3) for i, s in sorted(self.ready_s.items())},
+                          "ready_at": {str(i): t for i, t in sorted(self.ready_at.items())}, "go_at": go_at},
+                "silences": [{k: v for k, v in s.items() if k != "since"} for s in self.silences]}
+
+    def close(self) -> None:
+        self.socket.close(0)
 
 
 def run_workers(config: Config, config_path: str, summary_json: str | None, log_level: str | None,
@@ -205,6 +363,7 @@ def _supervise(config: Config, config_path: str, summary_json: str | None, log_l
 
     signals.on_second = stop_now
     summaries = [Path(folder) / f"summary_{i}.json" for i in range(count)]
+    heartbeats = Heartbeats(proxy.front.context, reports_endpoint(folder), workers, config.runtime.worker_silence_s)
     for i in range(count):
         if stop_requested.is_set():  # stopped while starting workers: the rest are never started
             log.info("stopped while starting workers: %d of %d started", len(workers), count)
@@ -216,12 +375,14 @@ def _supervise(config: Config, config_path: str, summary_json: str | None, log_l
 
     links = [WorkerLink(proxy.front.context, control_endpoint(folder, w.index), w.index) for w in workers]
     placed = {camera.id: i for i in range(len(workers)) for camera in config.cameras[i::count]}
-    cameras = WorkerCameras(config, links, placed, alive=lambda i: workers[i].process.poll() is None)
+    cameras = WorkerCameras(config, links, placed, alive=lambda i: workers[i].process.poll() is None,
+                            silences=heartbeats.silence_counts)
     service, server = start_control_plane(config, config_path, cameras)
     service.curve = proxy.curve
     try:
-        return _watch(config, stop_requested, workers, proxy, summaries, summary_json, deadline_s)
+        return _watch(config, stop_requested, workers, proxy, heartbeats, summaries, summary_json, deadline_s)
     finally:
+        heartbeats.close()
         service.close()
         if server is not None:
             server.stop()
@@ -229,13 +390,18 @@ def _supervise(config: Config, config_path: str, summary_json: str | None, log_l
             link.close()
 
 
-def _watch(config: Config, stop_requested: threading.Event, workers: list[Worker], proxy: Proxy, summaries: list[Path],
-           summary_json: str | None, deadline_s: float) -> int:
+def _watch(config: Config, stop_requested: threading.Event, workers: list[Worker], proxy: Proxy,
+           heartbeats: Heartbeats, summaries: list[Path], summary_json: str | None, deadline_s: float) -> int:
     wanted = config.publish.wait_subscribers
     said_go = False
+    go_at = None
     if wanted:
         log.info("publish: waiting for %d subscriber(s), up to %.1f s", wanted, config.publish.wait_timeout_s)
     wait_until = time.monotonic() + config.publish.wait_timeout_s
+    # the workers start together: a camera started while other workers still load its host's CPUs
+    # builds a backlog (bench/results/load.md, 4 GPUs: p99 16.5 s in the first window)
+    start_timeout_s = config.runtime.start_timeout_s
+    start_until = time.monotonic() + start_timeout_s
     failed: dict[int, str] = {}  # worker index -> what went wrong, in the order they failed
     stopping = False
     # a worker drains within the deadline, then its publisher lingers as long again; beyond that
@@ -247,15 +413,26 @@ def _watch(config: Config, stop_requested: threading.Event, workers: list[Worker
         time.sleep(0.1)
         now = time.monotonic()
         running = any(w.process.poll() is None for w in workers)  # then one last look at every exit code
+        heartbeats.read(now)
+        heartbeats.watch(now)
         if not said_go:
             got = proxy.subscriptions
-            if got >= wanted or now >= wait_until or stop_requested.is_set() or stopping:
-                if got < wanted and not (stop_requested.is_set() or stopping):
+            stopped = stop_requested.is_set() or stopping
+            ready = heartbeats.settled() or now >= start_until
+            if stopped or (ready and (got >= wanted or now >= wait_until)):
+                late = heartbeats.not_ready()
+                if late and not stopped:
+                    # a camera system serves the cameras it can: one stuck worker does not hold back the rest
+                    log.warning("%d of %d workers not ready after %.0f s (runtime.start_timeout_s): worker(s) %s; "
+                                "starting the ready ones, the others start when they are ready", len(late),
+                                len(workers), start_timeout_s, ", ".join(f"{w.index} (cameras {w.cameras})" for w in late))
+                if got < wanted and not stopped:
                     log.warning("publish: %d of %d subscribers after %.1f s; starting anyway", got, wanted,
                                 config.publish.wait_timeout_s)
                 for worker in workers:
                     worker.tell(f"go {got}")
                 said_go = True
+                go_at = time.time()
         for worker in workers:
             code = worker.process.poll()
             if code not in (None, 0) and worker.index not in failed:
@@ -284,6 +461,7 @@ def _watch(config: Config, stop_requested: threading.Event, workers: list[Worker
                 merged["workers"].append(None)
         merged["cameras"] = {k: v for w in merged["workers"] if w for k, v in w.get("cameras", {}).items()}
         merged["subscriptions"] = proxy.subscriptions
+        merged.update(heartbeats.summary(go_at))
         with open(summary_json, "w", encoding="utf-8") as handle:
             json.dump(merged, handle, indent=2, default=str)
     if failed:

@@ -138,6 +138,57 @@ def _read_timeout(camera: CameraConfig) -> float:
     return min(camera.read_timeout_s, camera.stall_timeout_s)
 
 
+class _Lag:
+    """How far a live camera is behind its own timestamps, and whether to skip to the next keyframe.
+
+    A paced file knows when each packet was due. For a network camera, each packet's offset (arrival
+    minus timestamp) is compared with the smallest offset seen, the packet that waited least in any
+    queue: the difference is how long this one waited. The baseline creeps up by DRIFT (1 ms a
+    second) so that a camera whose clock runs slow never looks late. Past `max_lag_s`, packets are
+    dropped undecoded until a keyframe at most half that late, or until a read waits (nothing queued:
+    the backlog is gone, and if the timestamps jumped back the baseline is taken anew there);
+    decoding resumes at that keyframe with nothing missing from its references."""
+
+    DRIFT = 1e-3
+
+    def __init__(self, max_lag_s: float | None, frame_interval_s: float):
+        self.max_lag_s = max_lag_s
+        self.caught_up_wait_s = frame_interval_s / 2
+        self.baseline: float | None = None  # smallest arrival - timestamp seen (s), crept up by DRIFT
+        self.baseline_at = 0.0
+        self.skipping = False
+        self.skipped = 0  # frames skipped in the current or last catch-up
+        self.behind_s = 0.0  # how late the catch-up found the camera
+        self.drained = False  # a read waited during this catch-up: the backlog is gone
+
+    def late_by(self, stamp_s: float, read_s: float) -> float:
+        now = time.monotonic()
+        offset = now - stamp_s
+        if self.baseline is None:
+            self.baseline = offset
+        else:
+            self.baseline += (now - self.baseline_at) * self.DRIFT
+            if self.skipping and read_s >= self.caught_up_wait_s:
+                self.drained, self.baseline = True, offset
+            self.baseline = min(self.baseline, offset)
+        self.baseline_at = now
+        return offset - self.baseline
+
+    def skip(self, late_s: float, keyframe: bool) -> bool:
+        if self.max_lag_s is None:
+            return False
+        if self.skipping:
+            if keyframe and (late_s <= self.max_lag_s / 2 or self.drained):
+                self.skipping = False
+                return False
+            self.skipped += 1
+            return True
+        if late_s > self.max_lag_s:
+            self.skipping, self.skipped, self.behind_s, self.drained = True, 1, late_s, False
+            return True
+        return False
+
+
 class SourceStage(Stage):
     poll_s = None
 
@@ -168,6 +219,7 @@ class SourceStage(Stage):
         self.frames_missing = 0  # declared frames that never came out of the decoder (all passes)
         self._missing_warned = False
         self._next_pass_due: float | None = None  # a paced loop: when the next pass's first packet is due
+        self._skip_logged_at = -1e9  # monotonic time of the last "skipped to the next keyframe" line
         self.last_queued: int | None = None  # index of the last frame its queue accepted (a removal waits for it)
         self._queued_at: collections.deque = collections.deque(maxlen=256)  # monotonic times, for `fps`
 
@@ -283,10 +335,13 @@ class SourceStage(Stage):
         packets = container.demux(stream)
         last_frame = time.monotonic()
         stall_s = self.camera.stall_timeout_s if self.camera.is_live else None
+        lag = _Lag(self.camera.max_lag_s if self.camera.is_live else None, self._frame_interval(stream))
         pass_start = self.next_index
         while not self.stop_event.is_set():
             try:
+                read_started = time.monotonic()
                 packet = next(packets)
+                read_s = time.monotonic() - read_started
             except StopIteration:
                 self._end_of_pass(stream, self.next_index - pass_start)
                 if self.camera.loop and self.camera.is_file and self.next_index > pass_start:
@@ -316,6 +371,18 @@ class SourceStage(Stage):
                 wait = due - time.monotonic()
                 if wait > 0:
                     self.stop_event.wait(wait)
+                late_s = -wait
+            elif stamp is not None and packet.time_base is not None:
+                late_s = lag.late_by(float(stamp * packet.time_base), read_s)
+            else:
+                late_s = 0.0
+            if lag.skip(late_s, packet.is_keyframe):
+                self.next_index += 1  # a frame number for each skipped frame: subscribers see the gap
+                self.metrics.drop("late")
+                last_frame = time.monotonic()  # packets flow: not a stall
+                continue
+            if lag.skipped:
+                self._log_skip(lag)
             started = time.perf_counter()
             try:
                 frames = packet.decode()
@@ -361,6 +428,20 @@ class SourceStage(Stage):
                 self._on_frames_flowing()
                 started = time.perf_counter()  # the next frame's cost starts after this one left
         return "stopped"
+
+    def _log_skip(self, lag: "_Lag") -> None:
+        """One line per catch-up, at most one a minute per camera (the drops are always counted)."""
+        now = time.monotonic()
+        if now - self._skip_logged_at >= 60.0:
+            log.warning("camera %s: %.1f s behind its timestamps; skipped %d frame(s) to the next keyframe "
+                        "(counted as late drops; cameras[].max_lag_s)", self.camera.id, lag.behind_s, lag.skipped)
+            self._skip_logged_at = now
+        lag.skipped = 0
+
+    @staticmethod
+    def _frame_interval(stream) -> float:
+        rate = stream.average_rate or stream.guessed_rate
+        return 1.0 / float(rate) if rate else 0.04
 
     def _due(self, pts: float) -> float:
         """Monotonic time at which a paced file's timestamp `pts` is due (the first one: now, or, in a

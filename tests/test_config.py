@@ -38,7 +38,11 @@ def test_env_interpolation_with_default(monkeypatch):
     ({"cameras": [{"id": "a", "url": "ftp://h/x.mp4"}]}, "cameras[0].url: Value error, unsupported URL scheme 'ftp'"),
     ({"runtime": {"host_slots": 10**7}}, "runtime.host_slots: Input should be less than or equal to 64"),
     ({"runtime": {"workers": 257}}, "runtime.workers: Input should be less than or equal to 256"),
+    ({"runtime": {"start_timeout_s": 0}}, "runtime.start_timeout_s: Input should be greater than 0"),
+    ({"runtime": {"worker_silence_s": "soon"}}, "runtime.worker_silence_s: Input should be a valid number"),
     ({"model": {"path": "m", "preset": "yolox", "classes": []}}, "model.classes: List should have at least 1 item"),
+    ({"engine": {"kind": "torch", "fp16_exact": True}}, "engine: Value error, fp16_exact rewrites the torch engine's fp16"),
+    ({"engine": {"kind": "tensorrt", "fp16": True, "fp16_exact": True}}, "engine: Value error, fp16_exact rewrites"),
 ])
 def test_mistakes_name_the_key(change, message):
     with pytest.raises(ConfigError) as error:
@@ -82,3 +86,10 @@ def test_a_many_gpu_host_gets_its_workers():
     """4 GPUs x 144 cameras at 8 a worker is 72 workers (the cap was 64, which stopped the 4-GPU load run)."""
     config = parse_config({**BASE, "runtime": {"workers": 72, "worker_devices": [0, 1, 2, 3]}}, "cfg.yaml")
     assert config.runtime.workers == 72 and config.runtime.worker_devices == [0, 1, 2, 3]
+    assert config.runtime.start_timeout_s == 600 and config.runtime.worker_silence_s == 15  # generous defaults
+
+
+def test_fp16_exact_is_off_by_default_and_needs_torch_fp16():
+    assert not parse_config(BASE, "c.yaml").engine.fp16_exact  # not yet run on a GPU
+    config = parse_config({**BASE, "engine": {"kind": "torch", "fp16": True, "fp16_exact": True}}, "c.yaml")
+    assert config.engine.fp16_exact

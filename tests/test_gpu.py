@@ -108,6 +108,10 @@ def cpu_frames(tmp_path_factory):
     ({"kind": "torch", "lanes": 2, "max_batch": 8}, 0.01),
     ({"kind": "torch", "lanes": 3, "max_batch": 8, "fp16": True, "cuda_graphs": True}, 0.02),
     ({"kind": "torch", "lanes": 1, "max_batch": 1}, 0.01),
+    # every layer fp16 through engines/torch_fp16.py (emulated on the CPU only when this was written)
+    ({"kind": "torch", "lanes": 2, "max_batch": 8, "fp16": True, "fp16_exact": True, "cuda_graphs": True}, 0.02),
+    ({"kind": "torch", "lanes": 2, "max_batch": 8, "fp16": True, "fp16_exact": True, "cuda_graphs": True,
+      "compile": True}, 0.02),
 ])
 def test_gpu_detections_match_the_cpu_engine(tmp_path, cpu_frames, engine, score_tol):
     cpu = cpu_frames
@@ -530,3 +534,11 @@ def test_compiled_engine_matches_eager_and_caches_its_artifacts(tmp_path):
         out = lanes.run_sync(images[:n])[0]
         assert np.allclose(out, expected[:n], rtol=1e-3, atol=2e-3)
     lanes.close()
+    # the next start loads the artifacts and, having nothing to compile, starts no compile pool
+    import torch._inductor.config as inductor_config
+
+    inductor_config.compile_threads = None  # inductor's own default, decided when first read
+    again = TorchEngine(prepared, 2, cuda_graphs=True, compile=True, cache_dir=tmp_path)
+    assert again.compiled and again._compile_cached
+    if "TORCHINDUCTOR_COMPILE_THREADS" not in __import__("os").environ:
+        assert inductor_config.compile_threads == 1

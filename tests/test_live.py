@@ -352,3 +352,42 @@ def test_sigterm_mid_run_publishes_everything_accepted_and_exits_clean(tmp_path,
         assert accepted > 0 and len(received) == accepted, (cam, stats, len(received))
         assert [m["seq"] for m in received] == list(range(accepted))  # in order, none lost
     assert summary["cameras"]["file"]["frames"] < 1394, "the file ran to its end: SIGTERM came too late"
+
+
+@pytest.mark.slow
+def test_pipeline_frozen_skips_the_cameras_backlog_to_a_keyframe(tmp_path, rtsp_server):
+    """cameras[].max_lag_s on a real RTSP camera: the pipeline frozen for 4 s (SIGSTOP, a starved host)
+    finds 4 s of the camera's packets waiting in its socket. It must skip them to a keyframe rather than
+    decode them all (frames 4 s old, published as new), count them as late drops, and go on live."""
+    import os
+
+    fps = camera_fps(1, most=15)  # a keyframe every second (the server's key-int-max is its fps)
+    server = rtsp_server(fps=fps)
+    max_lag_s, freeze_s = 1.0, 4.0
+    config, data = make_config(tmp_path, [live_camera("cam", server.url(), stall_timeout_s=5, max_lag_s=max_lag_s)])
+    summary_path = tmp_path / "summary.json"
+    collector = Collector(data["publish"]["bind"])
+    proc = start_cli("--config", str(config), "--summary-json", str(summary_path))
+    try:
+        assert collector.wait_for("cam", count=2 * fps, timeout=60) is not None, "no frames"
+        proc.send_signal(signal.SIGSTOP)
+        time.sleep(freeze_s)
+        proc.send_signal(signal.SIGCONT)
+        resumed = time.time()
+        time.sleep(3.0)
+        code, err, _took = stop_cli(proc)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.kill()
+        collector.close()
+    assert code == 0, err[-2000:]
+    stats = json.loads(summary_path.read_text())["cameras"]["cam"]
+    assert stats["drops"].get("late", 0) >= fps, f"the frozen seconds were decoded, not skipped: {stats}"
+    assert "skipped" in err and "late drops" in err, err[-2000:]
+    assert stats["reconnects"] == 0, stats  # caught up on the same connection, not by reconnecting
+    published = len(collector.frames("cam"))
+    assert stats["frames"] == published + sum(stats["drops"].values()), (stats, published)
+    # after the skip the camera is live: frames keep coming at its rate
+    after = collector.frames("cam", since=resumed + 1.0)
+    assert len(after) >= 0.5 * fps * 1.5, f"{len(after)} frames in the 2 s after the catch-up at {fps} fps"

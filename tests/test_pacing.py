@@ -81,3 +81,50 @@ def test_pacing_ignores_a_wall_clock_step(tmp_path, monkeypatch, step_s):
     took = time.monotonic() - started
     assert len(queue) == frames
     assert took >= 0.7 * (frames - 1) / fps, f"{frames} frames in {took:.2f} s: a burst, not paced"
+
+
+def test_a_camera_that_falls_behind_skips_to_a_keyframe_and_counts_it(tmp_path):
+    """cameras[].max_lag_s: the pipeline frozen for 4 s (SIGSTOP: a starved host) leaves a paced camera
+    4 s behind its timestamps. It must skip to a keyframe instead of decoding the backlog, so it is live
+    again at once; the skipped frames keep their frame numbers (a gap) and are counted as late drops."""
+    import os
+    import signal
+
+    fps = paced_fps()
+    clip = small_clip(tmp_path / "short.mp4", 4 * fps, fps)  # mpeg4: a keyframe every 12 frames
+    max_lag_s, freeze_s = 1.0, 4.0
+    path, config = make_config(tmp_path, [{"id": "cam", "url": str(clip), "live": True, "realtime": True, "loop": True,
+                                           "max_lag_s": max_lag_s}], runtime={"shutdown_deadline_s": 60})
+    subscriber = Subscriber(config["publish"]["bind"], [b"det/cam/"])
+    summary_path = tmp_path / "summary.json"
+    process = start_cli("--config", str(path), "--summary-json", str(summary_path))
+    try:
+        assert subscriber.collect(lambda ms: len(ms) >= 2, timeout=60)
+        os.kill(process.pid, signal.SIGSTOP)
+        frozen = time.time()
+        time.sleep(freeze_s)
+        os.kill(process.pid, signal.SIGCONT)
+        resumed = time.time()
+        time.sleep(max(3.0, 30 / fps))
+        messages = subscriber.collect(lambda ms: False, timeout=0.2)
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
+        process.terminate()
+        _out, err = process.communicate(timeout=60)
+        subscriber.close()
+    assert process.returncode == 0, err[-2000:]
+    frames = [m for _, m in messages if m["type"] == "detections"]
+    drops = json.loads(summary_path.read_text())["cameras"]["cam"]["drops"]
+    assert drops.get("late", 0) >= 1, f"no frame skipped after a {freeze_s:g} s freeze: {drops}"
+    assert "skipped" in err and "late drops" in err, err[-2000:]
+    # every frame number that never arrived is a counted drop (late, or a full queue)
+    indices = [m["frame"] for m in frames]
+    missing = set(range(min(indices), max(indices) + 1)) - set(indices)
+    assert len(missing) <= sum(drops.values()), (sorted(missing), drops)
+    # the backlog was skipped, not decoded: few of the frames due while frozen were published (at most the
+    # ones due in the first max_lag_s and up to the keyframe it resumed at)
+    due_while_frozen = [m for m in frames if frozen + max_lag_s + 0.5 < m["capture_time"] < resumed - 0.5]
+    assert len(due_while_frozen) <= 12 + 1, f"{len(due_while_frozen)} frames of the frozen seconds were decoded"
+    # and the camera is live again: what was captured after the catch-up arrives in well under max_lag_s
+    after = sorted(m["latency_ms"]["total"] for m in frames if m["capture_time"] > resumed + 1.0)
+    assert after and after[len(after) // 2] < 500, after

@@ -2,17 +2,19 @@
 
 Real processes, a real ZeroMQ proxy and subscriber, the real model: every camera's frames arrive
 in order through the supervisor's endpoint, the same clip gives the same detections in two
-different workers, a failing worker stops the run with a non-zero exit that names it, and a
-signal drains every worker.
+different workers, a failing worker stops the run with a non-zero exit that names it, a
+signal drains every worker, the workers start together, and a silent worker is named.
 """
 
+import json
 import os
 import re
 import signal
 import threading
 import time
+import urllib.request
 
-from conftest import PERSON_CLIP, SHORT_FRAMES, Subscriber, make_config, start_cli
+from conftest import PERSON_CLIP, SHORT_FRAMES, Subscriber, free_port, make_config, start_cli
 def _run_until_ends(path, endpoint: str, cameras: int, signal_after=None):
     """Start the CLI with a subscriber on every `det/` topic; optionally SIGTERM it once `signal_after`
     is true of the messages; collect until every camera's end message: (exit code, messages, stderr)."""
@@ -92,3 +94,109 @@ def test_sigterm_drains_every_worker(tmp_path):
                                                 signal_after=lambda ms: {m["camera"] for _, m in ms} == every_camera)
     assert returncode == 0, err
     assert {m["camera"] for _, m in messages if m["type"] == "end"} == every_camera
+
+
+def test_workers_start_together_once_the_slowest_is_ready(tmp_path, short_clips):
+    """Worker 1 says ready 6 s after worker 0 (the test-only hook stands in for a worker loading
+    compiled artifacts on a starved host): no camera's first frame is captured before the last
+    worker said ready, so no camera builds a backlog while the others load."""
+    people, bottles = short_clips
+    cameras = [{"id": "a", "url": str(people)}, {"id": "b", "url": str(bottles)}]
+    path, config = make_config(tmp_path, cameras, engine={"lanes": 1},
+                               publish={"wait_subscribers": 1, "wait_timeout_s": 60}, runtime={"workers": 2})
+    summary = tmp_path / "summary.json"
+    subscriber = Subscriber(config["publish"]["bind"], [b"det/"])
+    process = start_cli("--config", str(path), "--summary-json", str(summary), env={"VAPIPE_TEST_READY_DELAY": "1:6"})
+    try:
+        messages = subscriber.collect(lambda ms: sum(m["type"] == "end" for _, m in ms) == 2, timeout=240)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        subscriber.close()
+    assert process.returncode == 0, err
+    start = json.loads(summary.read_text())["start"]
+    assert start["ready_at"]["1"] - start["ready_at"]["0"] > 2, start  # the hook made worker 1 the slow one
+    assert re.search(r"all 2 workers ready in [\d.]+ s \(slowest: worker 1, [\d.]+ s\)", err), err
+    last_ready = max(start["ready_at"].values())
+    first = {}
+    for _, message in messages:
+        if message["type"] == "detections":
+            first.setdefault(message["camera"], message["capture_time"])
+    assert set(first) == {"a", "b"}
+    assert all(captured > last_ready for captured in first.values()), (first, start)
+
+
+def test_past_the_start_timeout_the_ready_workers_start(tmp_path, short_clips):
+    """Worker 1 is ready 20 s late, runtime.start_timeout_s is 6: a warning names it, worker 0's
+    camera starts without it, and worker 1's camera starts when it is ready; both play to the end."""
+    people, bottles = short_clips
+    cameras = [{"id": "a", "url": str(people)}, {"id": "b", "url": str(bottles)}]
+    path, config = make_config(tmp_path, cameras, engine={"lanes": 1}, publish={"wait_subscribers": 1, "wait_timeout_s": 60},
+                               runtime={"workers": 2, "start_timeout_s": 6})
+    summary = tmp_path / "summary.json"
+    subscriber = Subscriber(config["publish"]["bind"], [b"det/"])
+    process = start_cli("--config", str(path), "--summary-json", str(summary), env={"VAPIPE_TEST_READY_DELAY": "1:20"})
+    try:
+        messages = subscriber.collect(lambda ms: sum(m["type"] == "end" for _, m in ms) == 2, timeout=240)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        subscriber.close()
+    assert process.returncode == 0, err
+    assert re.search(r"workers not ready after 6 s \(runtime.start_timeout_s\): worker\(s\) (0 \(cameras a\), )?"
+                     r"1 \(cameras b\); starting the ready ones", err), err
+    ready_at = json.loads(summary.read_text())["start"]["ready_at"]
+    frames: dict[str, list] = {"a": [], "b": []}
+    for _, message in messages:
+        if message["type"] == "detections":
+            frames[message["camera"]].append(message)
+    assert frames["a"][0]["capture_time"] < ready_at["1"]  # worker 0 did not wait for worker 1
+    assert [m["frame"] for m in frames["a"]] == [m["frame"] for m in frames["b"]] == list(range(SHORT_FRAMES))
+
+
+def test_a_silent_worker_is_named_and_shows_where_it_was(tmp_path):
+    """A worker stopped (SIGSTOP) for longer than runtime.worker_silence_s: one warning names it, its
+    pid and its cameras; once it runs again its threads' stacks reach the log and the supervisor says
+    it speaks again; it is not killed, and the run still drains and exits 0."""
+    cameras = [{"id": "steady", "url": str(PERSON_CLIP), "loop": True, "realtime": True},
+               {"id": "frozen", "url": str(PERSON_CLIP), "loop": True, "realtime": True}]
+    path, config = make_config(tmp_path, cameras, engine={"lanes": 1},
+                               runtime={"workers": 2, "worker_silence_s": 3, "shutdown_deadline_s": 10,
+                                        "metrics_bind": f"127.0.0.1:{free_port()}"})
+    summary = tmp_path / "summary.json"
+    subscriber = Subscriber(config["publish"]["bind"], [b"det/"])
+    process = start_cli("--config", str(path), "--summary-json", str(summary))
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True)
+    reader.start()
+    try:
+        subscriber.collect(lambda ms: {m["camera"] for _, m in ms} == {"steady", "frozen"}, timeout=180)
+        pid = next(int(m.group(1)) for m in (re.search(r"worker 1/2 \(pid (\d+)", line) for line in list(lines)) if m)
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(8)
+        warned = "".join(lines)
+        os.kill(pid, signal.SIGCONT)
+        deadline = time.monotonic() + 60
+        while "speaks again" not in "".join(lines) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1)
+        url = f"http://{config['runtime']['metrics_bind']}/metrics"
+        metrics = urllib.request.urlopen(url, timeout=30).read().decode()
+        process.send_signal(signal.SIGTERM)
+        returncode = process.wait(120)
+    finally:
+        process.kill()
+        subscriber.close()
+    reader.join(10)
+    err = "".join(lines)
+    assert returncode == 0, err
+    assert f"worker 1 (pid {pid}, cameras frozen) silent for" in warned, err  # while it was stopped
+    assert err.count(f"worker 1 (pid {pid}, cameras frozen) silent for") == 1, err  # one warning a silence
+    again = re.search(rf"worker 1 \(pid {pid}\) speaks again after ([\d.]+) s silent", err)
+    assert again and float(again.group(1)) > 5, err
+    # the stack dump, written by the worker after SIGCONT: every thread, the beat thread among them
+    dump = err.find("most recent call first", err.index("cameras frozen) silent for"))
+    assert dump > 0 and "in _beat" in err[dump:], err
+    assert 'vapipe_worker_silences_total{worker="1"} 1' in metrics, metrics
+    silences = json.loads(summary.read_text())["silences"]
+    assert [(s["worker"], s["pid"], s["cameras"]) for s in silences if s["worker"] == 1] == [(1, pid, "frozen")]

@@ -1,12 +1,32 @@
-"""Rewrites of the converted YOLOX module that let every layer run in fp16 (bench/fp16_precision.py,
-bench/fp16_emulate.py measure them): exact in real numbers, they make the values fp16 rounds small.
+"""fp16 with no fp32 islands for the torch engine (`engine.fp16_exact`): rewrites of the converted
+module, exact in real numbers, that make the values fp16 rounds small, so every layer can run in fp16.
 
-Experiment (issue 11, part 4): not used by the engine yet; see bench/results/fp16_precision.md.
+Applied to the fp32 module before autocast, torch.compile and CUDA-graph capture: plain torch ops,
+constants as registered buffers on the module's device, nothing built from host values per call.
+Measured only in CPU emulation of autocast (bench/fp16_emulate.py, bench/results/fp16_precision.md);
+not yet run on a GPU, so the option is off by default.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+
+def calibration_images(count: int, h: int, w: int, seed: int = 0) -> np.ndarray:
+    """uint8 [count, h, w, 3] images with natural images' first statistics (mid-grey mean, smooth
+    structure at several scales, some letterbox padding): what recentring needs, with no asset."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    out = np.empty((count, h, w, 3), np.uint8)
+    for i in range(count):
+        image = np.zeros((h, w, 3), np.float32)
+        for cells, weight in ((4, 0.5), (16, 0.3), (64, 0.2)):
+            noise = rng.uniform(0, 255, (cells, cells, 3)).astype(np.float32)
+            image += weight * cv2.resize(noise, (w, h), interpolation=cv2.INTER_CUBIC)
+        out[i] = np.clip(image, 0, 255).astype(np.uint8)
+        out[i, int(h * rng.uniform(0.55, 0.8)):] = 114  # padding below a wide frame
+    return out
 
 
 def _silu_sites(module) -> list[tuple]:
@@ -42,7 +62,7 @@ def _silu_sites(module) -> list[tuple]:
     return sites
 
 
-def shift_activations(module, images: np.ndarray, min_gain: float = 2.0) -> tuple[int, int]:
+def shift_activations(module, images: np.ndarray, min_gain: float = 2.0, centre_rest: bool = False) -> tuple[int, int]:
     """Store small numbers in fp16: SiLU outputs that sit far from zero with a small spread are
     written as silu(z) - k, k folded into the producer's and the consumers' biases, exactly.
 
@@ -64,29 +84,39 @@ def shift_activations(module, images: np.ndarray, min_gain: float = 2.0) -> tupl
     import torch.nn.functional as F
 
     class ShiftedSiLU(torch.nn.Module):
-        """silu(z + k) - k per channel where `mask`, silu(z) elsewhere (k is 0 there)."""
+        """silu(z + k) - k per channel where `mask`; silu(z) - t elsewhere (k is 0 there; t is 0 where
+        `mask`, and 0 everywhere unless centre_rest)."""
 
-        def __init__(self, shift, mask):
+        def __init__(self, shift, mask, tail):
             super().__init__()
             self.register_buffer("shift", shift.view(1, -1, 1, 1).float())
             self.register_buffer("mask", mask.view(1, -1, 1, 1))
+            self.register_buffer("tail", tail.view(1, -1, 1, 1).float())
 
         def forward(self, z):
             s = z + self.shift.to(z.dtype)
-            return torch.where(self.mask, z - s * torch.sigmoid(-s), s * torch.sigmoid(s))
+            return torch.where(self.mask, z - s * torch.sigmoid(-s), s * torch.sigmoid(s) - self.tail.to(z.dtype))
 
     class ShiftedPad(torch.nn.Module):
         """A padded consumer's zero border, for an input stored minus k: the border holds -k, so the
-        convolution (now without padding) sees what it saw before, plus k everywhere."""
+        convolution (now without padding) sees what it saw before, plus k everywhere. The border is
+        the buffer expanded (a view), so nothing is built per call."""
 
         def __init__(self, shift, padding):
             super().__init__()
-            self.register_buffer("shift", shift.view(1, -1, 1, 1).float())
-            self.pads = (padding[1], padding[1], padding[0], padding[0])
+            self.register_buffer("border", -shift.view(1, -1, 1, 1).float())
+            self.ph, self.pw = padding
 
         def forward(self, x):
-            ring = F.pad(torch.zeros_like(x[:1, :1]), self.pads, value=1.0)  # 1 on the border, 0 inside
-            return F.pad(x, self.pads) - ring * self.shift.to(x.dtype)
+            n, c, h, w = x.shape
+            b = self.border.to(x.dtype)
+            if self.ph:
+                rows = b.expand(n, c, self.ph, w)
+                x = torch.cat([rows, x, rows], 2)
+            if self.pw:
+                cols = b.expand(n, c, h + 2 * self.ph, self.pw)
+                x = torch.cat([cols, x, cols], 3)
+            return x
 
     sites = _silu_sites(module)
     convs = [module.get_submodule(node.target) for node, *_ in sites]
@@ -129,13 +159,14 @@ def shift_activations(module, images: np.ndarray, min_gain: float = 2.0) -> tupl
                 continue
             before, after = estimates[i]
             mask = after * min_gain < before
-            if not mask.any():
+            if not mask.any() and not centre_rest:
                 continue
-            k = torch.where(mask, shifts[i], torch.zeros_like(shifts[i]))
+            zero = torch.zeros_like(shifts[i])
+            k = torch.where(mask, shifts[i], zero) if not centre_rest else shifts[i]  # what consumers get back
             conv = convs[i]
             if conv.bias is None:
                 conv.bias = torch.nn.Parameter(torch.zeros(conv.out_channels, device=param.device, dtype=param.dtype))
-            conv.bias.copy_((conv.bias.double() - k).to(conv.bias.dtype))
+            conv.bias.copy_((conv.bias.double() - torch.where(mask, k, zero)).to(conv.bias.dtype))
             for user in consumers:
                 consumer = module.get_submodule(user.target)
                 kh, kw = ((s - 1) * d + 1 for s, d in zip(consumer.kernel_size, consumer.dilation))
@@ -152,7 +183,8 @@ def shift_activations(module, images: np.ndarray, min_gain: float = 2.0) -> tupl
                         user.args = (module.graph.call_module(pad_name, (mul,)),)
                     consumer.padding = (0,) * len(consumer.padding)
             name = f"shifted_silu_{i}_{node.target.replace('.', '_')}"
-            module.add_submodule(name, ShiftedSiLU(k.float(), mask).to(param.device))
+            module.add_submodule(name, ShiftedSiLU(torch.where(mask, k, zero).float(), mask,
+                                                        torch.where(mask, zero, k).float()).to(param.device))
             with module.graph.inserting_after(mul):
                 replacement = module.graph.call_module(name, (node,))
             mul.replace_all_uses_with(replacement)
@@ -233,3 +265,67 @@ def centre_pixels(module, centre: float = 128.0, split_weights: bool = True) -> 
     module.graph.lint()
     module.recompile()
     return changed
+
+
+def split_weights(module, indices) -> int:
+    """Convolutions (graph order `indices`) whose weights are each written as hi + lo, two fp16
+    numbers (hi = W rounded to fp16, lo = the rest), summed by the convolution's fp32 accumulator:
+    each input channel is read twice, once per half. Exact in fp32 (hi + lo = W); in fp16 it
+    removes the weights' rounding (2^-12 of each) at twice the convolution's multiply-adds.
+    Grouped and depthwise convolutions duplicate each channel inside its group. Returns the
+    multiply-adds per output pixel added (sum over the convolutions of out x in/groups x kh x kw)."""
+    import torch
+
+    from engines.torch_engine import convolutions
+
+    class Doubled(torch.nn.Module):
+        """Each group's input channels twice in a row: [x_g, x_g] per group (channel order of the
+        split weight [hi_g, lo_g])."""
+
+        def __init__(self, groups: int):
+            super().__init__()
+            self.groups = groups
+
+        def forward(self, x):
+            n, c, h, w = x.shape
+            g = x.view(n, self.groups, 1, c // self.groups, h, w)
+            return torch.cat([g, g], 2).view(n, 2 * c, h, w)
+
+    targets = [target for target, _ in convolutions(module)]
+    nodes = {n.target: n for n in module.graph.nodes if n.op == "call_module"}
+    added = 0
+    for index in indices:
+        target = targets[index]
+        conv = module.get_submodule(target)
+        node = nodes[target]
+        with torch.no_grad():
+            w = conv.weight
+            hi = w.half().float()
+            conv.weight = torch.nn.Parameter(torch.cat([hi, w - hi], 1))
+        conv.in_channels *= 2
+        name = f"split_input_{index}_{target.replace('.', '_')}"
+        module.add_submodule(name, Doubled(conv.groups))
+        with module.graph.inserting_before(node):
+            node.args = (module.graph.call_module(name, (node.args[0],)),) + tuple(node.args[1:])
+        added += conv.out_channels * (conv.in_channels // 2 // conv.groups) * conv.kernel_size[0] * conv.kernel_size[1]
+    module.graph.lint()
+    module.recompile()
+    return added
+
+
+# convolutions (graph order) whose weights make_fp16_exact splits: conv 0 (through centre_pixels) and
+# the next nine, the stem and the first stage, where the emulation ranks weight rounding worst
+SPLIT_CONVS = range(1, 10)
+
+
+def make_fp16_exact(module, input_hw: tuple[int, int], calibration: int = 8) -> dict:
+    """Everything `engine.fp16_exact` does to the fp32 module, in place: pixels centred (the first
+    convolution's weights split), every SiLU output stored minus its calibrated per-channel mean,
+    the weights of SPLIT_CONVS split into fp16 halves. Calibrated on synthetic images (never on
+    the frames it will see). Returns what changed, for the log."""
+    from engines.torch_engine import convolutions
+
+    pixels = centre_pixels(module)
+    convs, channels = shift_activations(module, calibration_images(calibration, *input_hw), centre_rest=True)
+    split = split_weights(module, [i for i in SPLIT_CONVS if i < len(convolutions(module))])
+    return {"centred": pixels, "shifted_convs": convs, "shifted_channels": channels, "split_macs_per_pixel": split}
