@@ -157,6 +157,7 @@ class _Lag:
         self.baseline: float | None = None  # smallest arrival - timestamp seen (s), crept up by DRIFT
         self.baseline_at = 0.0
         self.skipping = False
+        self.decoding = False  # the decoder has given its first frame: before that, nothing is judged late
         self.skipped = 0  # frames skipped in the current or last catch-up
         self.behind_s = 0.0  # how late the catch-up found the camera
         self.drained = False  # a read waited during this catch-up: the backlog is gone
@@ -174,8 +175,14 @@ class _Lag:
         self.baseline_at = now
         return offset - self.baseline
 
+    def decoder_started(self) -> None:
+        """The first frame is out: what queued while the decoder opened (NVDEC: seconds, with a hundred
+        cameras opening at once) is start-up, not lag. It is decoded, not skipped; the baseline is taken
+        anew from the packets that follow."""
+        self.decoding, self.baseline = True, None
+
     def skip(self, late_s: float, keyframe: bool) -> bool:
-        if self.max_lag_s is None:
+        if self.max_lag_s is None or not self.decoding:
             return False
         if self.skipping:
             if keyframe and (late_s <= self.max_lag_s / 2 or self.drained):
@@ -220,6 +227,8 @@ class SourceStage(Stage):
         self._missing_warned = False
         self._next_pass_due: float | None = None  # a paced loop: when the next pass's first packet is due
         self._skip_logged_at = -1e9  # monotonic time of the last "skipped to the next keyframe" line
+        # tests only (VAPIPE_TEST_DECODER_START_DELAY=<seconds>): each connection's decoder is that slow to open
+        self._test_decoder_start_delay_s = float(os.environ.get("VAPIPE_TEST_DECODER_START_DELAY") or 0)
         self.last_queued: int | None = None  # index of the last frame its queue accepted (a removal waits for it)
         self._queued_at: collections.deque = collections.deque(maxlen=256)  # monotonic times, for `fps`
 
@@ -337,6 +346,7 @@ class SourceStage(Stage):
         stall_s = self.camera.stall_timeout_s if self.camera.is_live else None
         lag = _Lag(self.camera.max_lag_s if self.camera.is_live else None, self._frame_interval(stream))
         pass_start = self.next_index
+        decoder_opened = False  # the first packet opens the decoder
         while not self.stop_event.is_set():
             try:
                 read_started = time.monotonic()
@@ -384,6 +394,9 @@ class SourceStage(Stage):
             if lag.skipped:
                 self._log_skip(lag)
             started = time.perf_counter()
+            if not decoder_opened and self._test_decoder_start_delay_s:
+                time.sleep(self._test_decoder_start_delay_s)  # tests only: a decoder slow to open
+            decoder_opened = True
             try:
                 frames = packet.decode()
             except av.error.FFmpegError as exc:
@@ -397,6 +410,12 @@ class SourceStage(Stage):
             # bounded by the read timeout, which is never longer than the stall timeout)
             if stall_s is not None and not frames and time.monotonic() - last_frame > stall_s:
                 return f"stalled (no frame for {stall_s:g} s)"
+            if frames and not lag.decoding:
+                lag.decoder_started()
+                if paced and last_paced is not None:
+                    # a paced file's clock starts when its decoder gives the first frame, not at the
+                    # first packet: the decoder's opening is not lateness
+                    self._pace_start = (time.monotonic(), last_paced[0])
             for av_frame in frames:
                 if self.stop_event.is_set():
                     return "stopped"
