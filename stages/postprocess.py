@@ -149,7 +149,9 @@ class PostprocessStage(Stage):
                 self.metrics.drop("stopped", len(batch.frames) - row - 1)
                 raise
 
-    def discard(self, batch: FrameBatch) -> None:
-        if batch.release is not None:
-            batch.release()
-            batch.release = None
+    def discard(self, item) -> None:
+        """A batch refused or failed hands its output slot back; a frame refused by a closed outbox
+        (the batch it came from is still being processed) holds nothing."""
+        if isinstance(item, FrameBatch) and item.release is not None:
+            item.release()
+            item.release = None

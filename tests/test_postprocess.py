@@ -106,3 +106,26 @@ def test_boxes_in_the_padding_are_clipped_to_the_image():
     boxes = np.array([[-20, 0, 500, 416]], np.float32)  # reaches into both padding bands
     out = to_source(boxes, geo, (768, 432))
     assert out[0].tolist() == pytest.approx([0, 0, 768, 432])
+
+
+def test_a_frame_refused_by_a_closed_outbox_is_a_counted_stop_not_an_error():
+    """Postprocess takes batches in and sends frames out. When the stage after it has stopped (its
+    queue closed, as at a shutdown deadline), the refused frame is counted as `stopped` and the batch's
+    output slot is handed back once; it was an AttributeError ('Frame' has no 'release') logged as a
+    skipped item, on a 4-GPU load run's shutdown."""
+    from pipeline.queues import Aborted, BoundedQueue
+    from pipeline.record import Frame, FrameBatch
+    from stages.postprocess import PostprocessStage
+
+    inbox, outbox = BoundedQueue(2, name="inferred"), BoundedQueue(2, name="detected")
+    stage = PostprocessStage(inbox, outbox, "yolox", HW, (8, 16, 32), 0.3, 0.45, 100)
+    released = []
+    frames = [Frame(camera="cam", index=i, pts=None, capture_time=0.0, image=None, source_size=(416, 416),
+                    letterbox=IDENTITY) for i in range(2)]
+    batch = FrameBatch(frames, outputs=[np.zeros((2, ANCHORS, 85), np.float32)], release=lambda: released.append(1))
+    outbox.close()
+    with pytest.raises(Aborted):
+        stage.process(batch)
+    stage.discard(batch)  # what the stage loop does with an aborted item
+    assert released == [1]
+    assert stage.metrics.drops == {"stopped": 2}
