@@ -414,7 +414,8 @@ def _watch(config: Config, stop_requested: threading.Event, workers: list[Worker
         now = time.monotonic()
         running = any(w.process.poll() is None for w in workers)  # then one last look at every exit code
         heartbeats.read(now)
-        heartbeats.watch(now)
+        if kill_at is None:  # once told to stop, the workers' shutdown deadline and the kill below bound them
+            heartbeats.watch(now)
         if not said_go:
             got = proxy.subscriptions
             stopped = stop_requested.is_set() or stopping
