@@ -279,8 +279,9 @@ def single_compile_thread(torch) -> None:
     """No pool of compile subprocesses in this process: with the artifacts cached there is nothing
     to compile, and inductor otherwise starts one pool a process when it is first used (on a 4-GPU
     host, 64 workers starting together with their pools left 176 of 576 cameras up after 240 s; with
-    TORCHINDUCTOR_COMPILE_THREADS=1 all were up within 96 s; bench/results/load.md). Read lazily by
-    inductor, so it must be set before the first compiled call."""
+    TORCHINDUCTOR_COMPILE_THREADS=1 all were up within 96 s; bench/results/load.md). Inductor
+    decides it when its config is imported (the environment variable is read then) and reads it
+    when the backend first runs, so it must be set before the first compiled call."""
     try:
         import torch._inductor.config as inductor_config  # not loaded until torch.compile first runs
     except ImportError:  # a torch without inductor: nothing to set
@@ -373,18 +374,23 @@ class TorchEngine(DeviceEngine):
 
         self.module = self.module.to(memory_format=torch.channels_last)
         sizes = buckets(self.max_batch)
-        dynamo = torch._dynamo.config
-        for name in ("recompile_limit", "cache_size_limit"):  # one specialisation per bucket and shape
-            if hasattr(dynamo, name):
-                setattr(dynamo, name, max(getattr(dynamo, name), 256))
         key = compile_key(model, torch.__version__, cuda.device_name(self.device.index),
                           cuda.compute_capability(self.device.index), self.fp16, fp32_first_convs, sizes,
                           self.fp16_exact)
         self._compile_cache = _CompileCache(cache_dir, key)
+        threads_chosen = "TORCHINDUCTOR_COMPILE_THREADS" in os.environ  # by the user: theirs to decide
+        if self._compile_cache.path.is_file() and not threads_chosen:
+            # set before inductor's config is first imported (torch._dynamo imports it), which reads it
+            os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
+            single_compile_thread(torch)
+        dynamo = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit"):  # one specialisation per bucket and shape
+            if hasattr(dynamo, name):
+                setattr(dynamo, name, max(getattr(dynamo, name), 256))
         started = time.perf_counter()
         cached = self._compile_cache.load(torch)
         self._compile_started, self._compile_cached = started, cached
-        if cached and "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
+        if cached and not threads_chosen:
             single_compile_thread(torch)
         log.info("engine torch: compiling with inductor (%s)", "cached artifacts" if cached else
                  "no cached artifacts: about a minute, once per model, GPU and torch version")

@@ -535,10 +535,18 @@ def test_compiled_engine_matches_eager_and_caches_its_artifacts(tmp_path):
         assert np.allclose(out, expected[:n], rtol=1e-3, atol=2e-3)
     lanes.close()
     # the next start loads the artifacts and, having nothing to compile, starts no compile pool
+    import os
+
     import torch._inductor.config as inductor_config
 
-    inductor_config.compile_threads = None  # inductor's own default, decided when first read
-    again = TorchEngine(prepared, 2, cuda_graphs=True, compile=True, cache_dir=tmp_path)
-    assert again.compiled and again._compile_cached
-    if "TORCHINDUCTOR_COMPILE_THREADS" not in __import__("os").environ:
-        assert inductor_config.compile_threads == 1
+    user_threads = os.environ.get("TORCHINDUCTOR_COMPILE_THREADS")
+    inductor_config.compile_threads = None  # as if unset: the cached start must set it
+    try:
+        again = TorchEngine(prepared, 2, cuda_graphs=True, compile=True, cache_dir=tmp_path)
+        assert again.compiled and again._compile_cached
+        if user_threads is None:
+            assert inductor_config.compile_threads == 1
+            assert os.environ.get("TORCHINDUCTOR_COMPILE_THREADS") == "1"
+    finally:
+        if user_threads is None:
+            os.environ.pop("TORCHINDUCTOR_COMPILE_THREADS", None)
