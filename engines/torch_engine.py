@@ -238,25 +238,37 @@ def buckets(max_batch: int) -> list[int]:
 
 class _CompileCache:
     """`<dir>/<key>.inductor` holds the compiled artifacts; `<key>.lock` makes one process compile
-    while the others of the machine wait for its file (the OS drops the lock if it dies)."""
+    while the others of the machine wait for its file (the OS drops the lock if it dies). A file
+    that is there is loaded without the lock: it is only ever written whole (by rename), and on a
+    4-GPU host 70 workers taking the lock in turn to load it spent a minute in line (one a second)."""
 
     def __init__(self, cache_dir: Path, key: str):
         self.path = Path(cache_dir) / f"{key}.inductor"
         self._lock = None
 
     def load(self, torch) -> bool:
+        """True: the artifacts are loaded. False: this process compiles, and holds the lock until save()."""
+        found = self._read(torch)
+        if found:
+            return True
         Path(self.path.parent).mkdir(parents=True, exist_ok=True)
         self._lock = open(self.path.with_suffix(".lock"), "w")
         fcntl.flock(self._lock, fcntl.LOCK_EX)  # waits while another process compiles this key
+        if found is False and self._read(torch):  # it was compiling: its artifacts are there now
+            self.release()
+            return True
+        return False  # we compile (a bad file too: compiled anew, still holding the lock)
+
+    def _read(self, torch) -> bool | None:
+        """Load the artifacts file: True; no file: False; a stale or truncated one: None (warned)."""
         if not self.path.is_file():
-            return False  # we compile; the lock stays held until save()
+            return False
         try:
             torch.compiler.load_cache_artifacts(self.path.read_bytes())
-        except Exception as exc:  # a stale or truncated file: compile anew, still holding the lock
+        except Exception as exc:
             log.warning("engine torch: cannot load compiled artifacts %s (%s); compiling", self.path.name,
                         str(exc).splitlines()[0][:120])
-            return False
-        self.release()
+            return None
         return True
 
     def save(self, torch) -> None:

@@ -75,6 +75,38 @@ def test_compile_cache_keeps_its_lock_while_it_compiles_after_a_bad_artifacts_fi
     assert cache.path.read_bytes() == b"kernels"
 
 
+def test_compile_cache_loads_artifacts_that_are_there_without_waiting_for_the_lock(tmp_path):
+    """A host's workers load cached artifacts together: on a 4-GPU host, taking the lock in turn put
+    70 workers a minute in line. A file that is there is written whole (by rename), so it is loaded
+    while another process holds the lock; with no file, the loader waits for the compiling process
+    and then loads what it wrote. (Runs without a GPU: a stand-in for torch.compiler's two calls.)"""
+    import fcntl
+    import threading
+    from types import SimpleNamespace
+
+    from engines.torch_engine import _CompileCache
+
+    loaded = []
+    torch = SimpleNamespace(compiler=SimpleNamespace(load_cache_artifacts=loaded.append,
+                                                     save_cache_artifacts=lambda: (b"kernels", None)))
+    cache = _CompileCache(tmp_path, "key")
+    compiling = _CompileCache(tmp_path, "key")
+    assert compiling.load(torch) is False  # no file: this one compiles, holding the lock
+    waiting = threading.Thread(target=lambda: loaded.append(("waited", cache.load(torch))))
+    waiting.start()
+    waiting.join(1.0)
+    assert waiting.is_alive(), "a loader with no file to load did not wait for the compiling process"
+    compiling.save(torch)  # writes the file, drops the lock
+    waiting.join(10.0)
+    assert loaded == [b"kernels", ("waited", True)]
+    with open(cache.path.with_suffix(".lock"), "w") as other_worker:
+        fcntl.flock(other_worker, fcntl.LOCK_EX)  # another process holds the lock (compiling another time)
+        done = threading.Thread(target=lambda: loaded.append(("found", _CompileCache(tmp_path, "key").load(torch))))
+        done.start()
+        done.join(5.0)
+        assert not done.is_alive() and loaded[-1] == ("found", True), "an existing file waited for the lock"
+
+
 def test_tensorrt_missing_is_one_clear_line(tmp_path):
     try:
         import tensorrt  # noqa: F401
