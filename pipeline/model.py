@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -320,6 +321,10 @@ def _check_session(onnx_bytes: bytes, path: Path, severity: int = 3):
 
     options = ort.SessionOptions()
     options.log_severity_level = severity
+    # a worker's share of the host's cores (set by the supervisor; ONNX Runtime itself ignores it)
+    share = os.environ.get("OMP_NUM_THREADS", "")
+    if share.isdigit() and int(share) > 0:
+        options.intra_op_num_threads = int(share)
     try:
         return ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
     except Exception as exc:

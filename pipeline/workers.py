@@ -184,6 +184,16 @@ class Proxy:
         self.back.close()
 
 
+def cpu_thread_share(count: int) -> dict[str, str]:
+    """Each worker's share of the host's cores for CPU thread pools (PyTorch's and OpenMP's, the model
+    check's ONNX Runtime session), as torchrun does for its processes; a user's OMP_NUM_THREADS is
+    kept. Without it, every one of 70 workers on a 64-core host sized its pools to all 64 cores
+    while the workers loaded their engines together."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return {}
+    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // count))}
+
+
 class Worker:
     """One worker process and the pipe it takes its orders from."""
 
@@ -202,7 +212,7 @@ class Worker:
         self.started = time.monotonic()
         # its own process group: the terminal's Ctrl-C (and Ctrl-Z) reach the supervisor only
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, process_group=0,
-                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1", **cpu_thread_share(count)})
         self.told_stop = False
         log.info("worker %d/%d (pid %d, GPU %d): %s", index, count, self.process.pid,
                  worker_config(config, index, count).engine.device, self.cameras)
@@ -364,6 +374,9 @@ def _supervise(config: Config, config_path: str, summary_json: str | None, log_l
     signals.on_second = stop_now
     summaries = [Path(folder) / f"summary_{i}.json" for i in range(count)]
     heartbeats = Heartbeats(proxy.front.context, reports_endpoint(folder), workers, config.runtime.worker_silence_s)
+    if share := cpu_thread_share(count):
+        log.info("workers: CPU thread pools of %s thread(s) each (the host's cores / workers; set "
+                 "OMP_NUM_THREADS to choose)", share["OMP_NUM_THREADS"])
     for i in range(count):
         if stop_requested.is_set():  # stopped while starting workers: the rest are never started
             log.info("stopped while starting workers: %d of %d started", len(workers), count)

@@ -172,6 +172,10 @@ def test_a_silent_worker_is_named_and_shows_where_it_was(tmp_path):
     try:
         subscriber.collect(lambda ms: {m["camera"] for _, m in ms} == {"steady", "frozen"}, timeout=180)
         pid = next(int(m.group(1)) for m in (re.search(r"worker 1/2 \(pid (\d+)", line) for line in list(lines)) if m)
+        # each worker's CPU thread pools get its share of the cores (unless the user chose)
+        environ = dict(v.split("=", 1) for v in open(f"/proc/{pid}/environ").read().split("\0") if "=" in v)
+        share = os.environ.get("OMP_NUM_THREADS") or str(max(1, os.cpu_count() // 2))
+        assert environ.get("OMP_NUM_THREADS") == share, environ.get("OMP_NUM_THREADS")
         os.kill(pid, signal.SIGSTOP)
         time.sleep(8)
         warned = "".join(lines)
