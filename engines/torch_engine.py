@@ -217,13 +217,21 @@ def _bucket(n: int, max_batch: int) -> int:
 
 
 def compile_key(model: PreparedModel, torch_version: str, gpu: str, capability: tuple[int, int], fp16: bool,
-                fp32_first_convs: int, buckets: list[int], fp16_exact: bool = False) -> str:
-    """Everything that makes compiled kernels valid for a run; a different key compiles anew."""
+                fp32_first_convs: int, buckets: list[int], fp16_exact: bool = False, device_index: int = 0) -> str:
+    """Everything that makes compiled kernels valid for a run; a different key compiles anew.
+
+    The device index too: the traced graph names its device (cuda:1), so inductor's own caches miss
+    for another index, and artifacts saved on GPU 0 left every worker on GPUs 1-3 of a 4-GPU host
+    compiling from scratch (all 18 on GPU 0 were ready in under 50 s, none of the 52 others after
+    100-158 s). One file a GPU: its first worker compiles, the others on it load."""
     fields = {"onnx": model.sha256, "torch": torch_version, "gpu": gpu, "sm": f"{capability[0]}.{capability[1]}",
               "fp16": fp16, "fp32_first_convs": fp32_first_convs if fp16 else 0, "buckets": buckets,
               "memory_format": "channels_last"}
-    if fp16 and fp16_exact:  # only when on, so the keys (and cached artifacts) of other runs stay as they were
+    # only when set, so the keys (and cached artifacts) of other runs stay as they were
+    if fp16 and fp16_exact:
         fields["fp16_exact"] = True
+    if device_index:
+        fields["device_index"] = device_index
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -388,7 +396,7 @@ class TorchEngine(DeviceEngine):
         sizes = buckets(self.max_batch)
         key = compile_key(model, torch.__version__, cuda.device_name(self.device.index),
                           cuda.compute_capability(self.device.index), self.fp16, fp32_first_convs, sizes,
-                          self.fp16_exact)
+                          self.fp16_exact, self.device.index or 0)
         self._compile_cache = _CompileCache(cache_dir, key)
         threads_chosen = "TORCHINDUCTOR_COMPILE_THREADS" in os.environ  # by the user: theirs to decide
         if self._compile_cache.path.is_file() and not threads_chosen:

@@ -107,6 +107,21 @@ def test_compile_cache_loads_artifacts_that_are_there_without_waiting_for_the_lo
         assert not done.is_alive() and loaded[-1] == ("found", True), "an existing file waited for the lock"
 
 
+def test_compiled_artifacts_are_kept_per_gpu_index():
+    """Inductor's caches miss for a graph traced on another device index, so one artifacts file for
+    all GPUs left the workers on GPUs 1-3 of a 4-GPU host compiling from scratch. GPU 0 keeps the key
+    it had (artifacts cached before stay valid). (Runs without a GPU: the key alone.)"""
+    from types import SimpleNamespace
+
+    from engines.torch_engine import compile_key
+
+    model = SimpleNamespace(sha256="ab" * 32)
+    args = (model, "2.9.0", "NVIDIA H200", (9, 0), True, 16, [1, 2, 4, 8, 16, 32], False)
+    keys = [compile_key(*args, device_index=i) for i in range(4)]
+    assert len(set(keys)) == 4
+    assert keys[0] == compile_key(*args)
+
+
 def test_tensorrt_missing_is_one_clear_line(tmp_path):
     try:
         import tensorrt  # noqa: F401
