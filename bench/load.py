@@ -387,6 +387,27 @@ def main() -> int:
     if max(gpu_counts) > max(gpus, 1):
         print(f"--gpus {args.gpus}: this machine has {gpus} GPU(s)", file=sys.stderr)
         return 2
+    # a run stopped by a time limit (timeout's SIGTERM) or Ctrl-C still writes the counts it measured
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        ramp(clips, args, workdir, gpu_counts, results, lines)
+    except KeyboardInterrupt:
+        lines.append("\n(stopped by a signal: the rows above are all that ran)")
+        print(lines[-1], flush=True)
+    summarize_scaling(args, gpu_counts, results, lines)
+    text = "\n".join(lines)
+    print(f"\n{text}")
+    append_results(args.out, "load", text, {"date": stamp, "card": card, "gpus": gpus, "commit": commit(), "args": vars(args),
+                                            "results": results})
+    return 0
+
+
+def _interrupt(_signum, _frame) -> None:
+    raise KeyboardInterrupt
+
+
+def ramp(clips: list[Path], args, workdir: Path, gpu_counts: list[int], results: list[dict], lines: list[str]) -> None:
+    """Each decoder, input shape and GPU count: the stream counts in turn, until --stop-after-fail fail."""
     for decoder, input_shape, gpus_used in [(d, s, g) for d in args.decoders.split(",") for s in args.input_shapes.split(",")
                                             for g in gpu_counts]:
         args.input_shape, args.gpus_used = input_shape, gpus_used
@@ -421,6 +442,9 @@ def main() -> int:
                     break
         best = largest_passing(results, decoder, input_shape, gpus_used)
         lines.append(f"| {input_shape} | {decoder} | {gpus_used} | largest passing N: **{best}** |")
+
+
+def summarize_scaling(args, gpu_counts: list[int], results: list[dict], lines: list[str]) -> None:
     for decoder, input_shape in [(d, s) for d in args.decoders.split(",") for s in args.input_shapes.split(",")]:
         one = largest_passing(results, decoder, input_shape, gpu_counts[0])
         for more in gpu_counts[1:]:  # scaling, in this run: cameras carried on N GPUs / on the first count's
@@ -434,11 +458,6 @@ def main() -> int:
             lines.append(f"\n{r['decoder']}, {r['streams']} cameras: GPU ms/frame square / rect = "
                          f"**{twin['gpu_ms_per_frame'] / r['gpu_ms_per_frame']:.2f}x** (target >= 1.4x); infer p50 "
                          f"{twin.get('infer_p50_ms')} / {r.get('infer_p50_ms')} ms")
-    text = "\n".join(lines)
-    print(f"\n{text}")
-    append_results(args.out, "load", text, {"date": stamp, "card": card, "gpus": gpus, "commit": commit(), "args": vars(args),
-                                            "results": results})
-    return 0
 
 
 if __name__ == "__main__":
