@@ -96,17 +96,17 @@ def test_sigterm_drains_every_worker(tmp_path):
     assert {m["camera"] for _, m in messages if m["type"] == "end"} == every_camera
 
 
-def test_workers_start_together_once_the_slowest_is_ready(tmp_path, short_clips):
-    """Worker 1 says ready 6 s after worker 0 (the test-only hook stands in for a worker loading
-    compiled artifacts on a starved host): no camera's first frame is captured before the last
-    worker said ready, so no camera builds a backlog while the others load."""
+def _two_workers_one_slow(tmp_path, short_clips, delay_s: float, **runtime) -> tuple[list, str, dict]:
+    """Cameras a and b on workers 0 and 1, worker 1 saying ready `delay_s` late (the test-only hook):
+    the messages until both cameras end, the run's stderr, and its summary's `start` record."""
     people, bottles = short_clips
     cameras = [{"id": "a", "url": str(people)}, {"id": "b", "url": str(bottles)}]
-    path, config = make_config(tmp_path, cameras, engine={"lanes": 1},
-                               publish={"wait_subscribers": 1, "wait_timeout_s": 60}, runtime={"workers": 2})
+    path, config = make_config(tmp_path, cameras, engine={"lanes": 1}, publish={"wait_subscribers": 1, "wait_timeout_s": 60},
+                               runtime={"workers": 2, **runtime})
     summary = tmp_path / "summary.json"
     subscriber = Subscriber(config["publish"]["bind"], [b"det/"])
-    process = start_cli("--config", str(path), "--summary-json", str(summary), env={"VAPIPE_TEST_READY_DELAY": "1:6"})
+    process = start_cli("--config", str(path), "--summary-json", str(summary),
+                        env={"VAPIPE_TEST_READY_DELAY": f"1:{delay_s:g}"})
     try:
         messages = subscriber.collect(lambda ms: sum(m["type"] == "end" for _, m in ms) == 2, timeout=240)
         _, err = process.communicate(timeout=60)
@@ -114,7 +114,14 @@ def test_workers_start_together_once_the_slowest_is_ready(tmp_path, short_clips)
         process.kill()
         subscriber.close()
     assert process.returncode == 0, err
-    start = json.loads(summary.read_text())["start"]
+    return messages, err, json.loads(summary.read_text())["start"]
+
+
+def test_workers_start_together_once_the_slowest_is_ready(tmp_path, short_clips):
+    """Worker 1 says ready 6 s after worker 0 (the test-only hook stands in for a worker loading
+    compiled artifacts on a starved host): no camera's first frame is captured before the last
+    worker said ready, so no camera builds a backlog while the others load."""
+    messages, err, start = _two_workers_one_slow(tmp_path, short_clips, 6)
     assert start["ready_at"]["1"] - start["ready_at"]["0"] > 2, start  # the hook made worker 1 the slow one
     assert re.search(r"all 2 workers ready in [\d.]+ s \(slowest: worker 1, [\d.]+ s\)", err), err
     last_ready = max(start["ready_at"].values())
@@ -129,23 +136,10 @@ def test_workers_start_together_once_the_slowest_is_ready(tmp_path, short_clips)
 def test_past_the_start_timeout_the_ready_workers_start(tmp_path, short_clips):
     """Worker 1 is ready 20 s late, runtime.start_timeout_s is 6: a warning names it, worker 0's
     camera starts without it, and worker 1's camera starts when it is ready; both play to the end."""
-    people, bottles = short_clips
-    cameras = [{"id": "a", "url": str(people)}, {"id": "b", "url": str(bottles)}]
-    path, config = make_config(tmp_path, cameras, engine={"lanes": 1}, publish={"wait_subscribers": 1, "wait_timeout_s": 60},
-                               runtime={"workers": 2, "start_timeout_s": 6})
-    summary = tmp_path / "summary.json"
-    subscriber = Subscriber(config["publish"]["bind"], [b"det/"])
-    process = start_cli("--config", str(path), "--summary-json", str(summary), env={"VAPIPE_TEST_READY_DELAY": "1:20"})
-    try:
-        messages = subscriber.collect(lambda ms: sum(m["type"] == "end" for _, m in ms) == 2, timeout=240)
-        _, err = process.communicate(timeout=60)
-    finally:
-        process.kill()
-        subscriber.close()
-    assert process.returncode == 0, err
+    messages, err, start = _two_workers_one_slow(tmp_path, short_clips, 20, start_timeout_s=6)
     assert re.search(r"workers not ready after 6 s \(runtime.start_timeout_s\): worker\(s\) (0 \(cameras a\), )?"
                      r"1 \(cameras b\); starting the ready ones", err), err
-    ready_at = json.loads(summary.read_text())["start"]["ready_at"]
+    ready_at = start["ready_at"]
     frames: dict[str, list] = {"a": [], "b": []}
     for _, message in messages:
         if message["type"] == "detections":
