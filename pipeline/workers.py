@@ -408,9 +408,9 @@ def _watch(config: Config, stop_requested: threading.Event, workers: list[Worker
     wanted = config.publish.wait_subscribers
     said_go = False
     go_at = None
-    if wanted:
-        log.info("publish: waiting for %d subscriber(s), up to %.1f s", wanted, config.publish.wait_timeout_s)
-    wait_until = time.monotonic() + config.publish.wait_timeout_s
+    # the wait for subscribers starts once the workers are ready, as one process's starts once its
+    # engine is loaded: subscribers get publish.wait_timeout_s however long the workers took to load
+    wait_until = None
     # the workers start together: a camera started while other workers still load its host's CPUs
     # builds a backlog (bench/results/load.md, 4 GPUs: p99 16.5 s in the first window)
     start_timeout_s = config.runtime.start_timeout_s
@@ -433,6 +433,10 @@ def _watch(config: Config, stop_requested: threading.Event, workers: list[Worker
             got = proxy.subscriptions
             stopped = stop_requested.is_set() or stopping
             ready = heartbeats.settled() or now >= start_until
+            if ready and wait_until is None:
+                wait_until = now + config.publish.wait_timeout_s
+                if wanted and got < wanted:
+                    log.info("publish: waiting for %d subscriber(s), up to %.1f s", wanted, config.publish.wait_timeout_s)
             if stopped or (ready and (got >= wanted or now >= wait_until)):
                 late = heartbeats.not_ready()
                 if late and not stopped:

@@ -133,6 +133,41 @@ def test_workers_start_together_once_the_slowest_is_ready(tmp_path, short_clips)
     assert all(captured > last_ready for captured in first.values()), (first, start)
 
 
+def test_subscribers_get_the_whole_wait_once_the_workers_are_ready(tmp_path, short_clips):
+    """publish.wait_timeout_s counts from the workers' ready, as in one process it counts from the
+    engine's load: worker 1 loads for 20 s (the test-only hook), the wait is 10 s, and a subscriber
+    that connects just after the workers are ready still gets every frame of both cameras. (The wait
+    counted from the supervisor's start ran out while the workers loaded, and the run began with no
+    subscriber.)"""
+    people, bottles = short_clips
+    cameras = [{"id": "a", "url": str(people)}, {"id": "b", "url": str(bottles)}]
+    path, config = make_config(tmp_path, cameras, engine={"lanes": 1}, publish={"wait_subscribers": 1, "wait_timeout_s": 10},
+                               runtime={"workers": 2})
+    process = start_cli("--config", str(path), env={"VAPIPE_TEST_READY_DELAY": "1:20"})
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True)
+    reader.start()
+    subscriber = None
+    try:
+        deadline = time.monotonic() + 240
+        while not any("workers ready" in line for line in list(lines)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        subscriber = Subscriber(config["publish"]["bind"], [b"det/"])
+        messages = subscriber.collect(lambda ms: sum(m["type"] == "end" for _, m in ms) == 2, timeout=240)
+        returncode = process.wait(60)
+    finally:
+        process.kill()
+        if subscriber is not None:
+            subscriber.close()
+    reader.join(10)
+    err = "".join(lines)
+    assert returncode == 0, err
+    assert "starting anyway" not in err, err
+    for camera in ("a", "b"):
+        frames = [m["frame"] for _, m in messages if m["type"] == "detections" and m["camera"] == camera]
+        assert frames == list(range(SHORT_FRAMES)), (camera, frames, err[-2000:])
+
+
 def test_past_the_start_timeout_the_ready_workers_start(tmp_path, short_clips):
     """Worker 1 is ready 20 s late, runtime.start_timeout_s is 6: a warning names it, worker 0's
     camera starts without it, and worker 1's camera starts when it is ready; both play to the end."""
