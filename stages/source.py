@@ -147,7 +147,8 @@ class _Lag:
     second) so that a camera whose clock runs slow never looks late. Past `max_lag_s`, packets are
     dropped undecoded until a keyframe at most half that late, or until a read waits (nothing queued:
     the backlog is gone, and if the timestamps jumped back the baseline is taken anew there);
-    decoding resumes at that keyframe with nothing missing from its references."""
+    decoding resumes at that keyframe with nothing missing from its references. Nothing is judged
+    before the decoder's first frame: its opening is start-up (`decoder_started`)."""
 
     DRIFT = 1e-3
 
