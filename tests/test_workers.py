@@ -53,6 +53,14 @@ def test_cameras_spread_over_workers_arrive_in_order_on_one_endpoint(tmp_path, s
     assert sum(any(d["label"] == "bottle" for d in m["detections"]) for m in frames["c"]) > 50
 
 
+def _read_stderr(process) -> tuple[list[str], threading.Thread]:
+    """The run's stderr lines as they come (a thread reads them into the list)."""
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True)
+    reader.start()
+    return lines, reader
+
+
 def test_a_failing_worker_stops_the_run_and_is_named(tmp_path):
     """A worker that dies mid-run (killed, as the OOM killer would) stops the others; the run exits
     non-zero naming it, and the cameras cut off get no ordinary ("eof") end. An unreadable file
@@ -61,9 +69,7 @@ def test_a_failing_worker_stops_the_run_and_is_named(tmp_path):
     path, config = make_config(tmp_path, cameras, engine={"lanes": 1}, runtime={"workers": 2})
     subscriber = Subscriber(config["publish"]["bind"], [b"det/"])
     process = start_cli("--config", str(path))
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True)
-    reader.start()
+    lines, reader = _read_stderr(process)
     try:
         # both workers publish, then worker 1 (camera doomed) is killed
         subscriber.collect(lambda ms: {m["camera"] for _, m in ms} == {"good", "doomed"}, timeout=180)
@@ -144,9 +150,7 @@ def test_subscribers_get_the_whole_wait_once_the_workers_are_ready(tmp_path, sho
     path, config = make_config(tmp_path, cameras, engine={"lanes": 1}, publish={"wait_subscribers": 1, "wait_timeout_s": 10},
                                runtime={"workers": 2})
     process = start_cli("--config", str(path), env={"VAPIPE_TEST_READY_DELAY": "1:20"})
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True)
-    reader.start()
+    lines, reader = _read_stderr(process)
     subscriber = None
     try:
         deadline = time.monotonic() + 240
@@ -195,9 +199,7 @@ def test_a_silent_worker_is_named_and_shows_where_it_was(tmp_path):
     summary = tmp_path / "summary.json"
     subscriber = Subscriber(config["publish"]["bind"], [b"det/"])
     process = start_cli("--config", str(path), "--summary-json", str(summary))
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True)
-    reader.start()
+    lines, reader = _read_stderr(process)
     try:
         subscriber.collect(lambda ms: {m["camera"] for _, m in ms} == {"steady", "frozen"}, timeout=180)
         pid = next(int(m.group(1)) for m in (re.search(r"worker 1/2 \(pid (\d+)", line) for line in list(lines)) if m)
