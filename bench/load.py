@@ -169,10 +169,13 @@ def _process_tree_cpu(pid: int) -> float:
 
 
 class GpuSampler(threading.Thread):
-    """NVML utilisation (SM busy %, NVDEC busy %) every 0.25 s, averaged over all GPUs."""
+    """NVML utilisation (SM busy %, NVDEC busy %) every 0.25 s, averaged over the GPUs the run uses
+    (0..devices-1). Rows before 2026-11-28 evening averaged over every GPU of the machine, so on a
+    4-GPU machine a 1-GPU row read a quarter of its GPU's busy share (and of its GPU ms/frame)."""
 
-    def __init__(self):
+    def __init__(self, devices: int = 1):
         super().__init__(daemon=True)
+        self.devices = devices
         self.samples: list[tuple[float, float]] = []
         self.stop = threading.Event()
         try:
@@ -180,7 +183,8 @@ class GpuSampler(threading.Thread):
 
             pynvml.nvmlInit()
             self.nvml = pynvml
-            self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+            count = min(devices, pynvml.nvmlDeviceGetCount())
+            self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
         except Exception:  # no NVML (CPU machine): utilisation is reported as unknown
             self.nvml = None
 
@@ -218,7 +222,7 @@ def measure(clips: list[Path], streams: int, decoder: str, args, workdir: Path, 
                 result["error"] = f"{len(collector.cameras_seen)} of {streams} cameras published within {args.startup_timeout} s"
             return result
         time.sleep(args.warmup)
-        gpu = GpuSampler()
+        gpu = GpuSampler(getattr(args, "gpus_used", 1))
         start = time.time()
         cpu_before = _process_tree_cpu(process.pid)
         measured_s = args.duration * args.windows
@@ -242,8 +246,8 @@ def measure(clips: list[Path], streams: int, decoder: str, args, workdir: Path, 
         if gpu.samples:
             result["gpu_util_pct"] = round(statistics.mean(s[0] for s in gpu.samples), 1)
             result["nvdec_util_pct"] = round(statistics.mean(s[1] for s in gpu.samples), 1)
-            if result.get("fps_total"):  # busy share of a second / frames a second
-                result["gpu_ms_per_frame"] = round(10.0 * result["gpu_util_pct"] / result["fps_total"], 4)
+            if result.get("fps_total"):  # busy share of a second, summed over the GPUs used / frames a second
+                result["gpu_ms_per_frame"] = round(10.0 * result["gpu_util_pct"] * len(gpu.handles) / result["fps_total"], 4)
         infer = sorted(r[5] for r in collector.rows if r[5] == r[5])
         result["infer_p50_ms"] = round(infer[len(infer) // 2], 2) if infer else None
         return result
