@@ -175,7 +175,6 @@ class GpuSampler(threading.Thread):
 
     def __init__(self, devices: int = 1):
         super().__init__(daemon=True)
-        self.devices = devices
         self.samples: list[tuple[float, float]] = []
         self.stop = threading.Event()
         try:

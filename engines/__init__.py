@@ -49,7 +49,7 @@ def _create(config: EngineConfig, model: PreparedModel, shapes, model_path: Path
         from engines.torch_engine import TorchEngine
 
         return TorchEngine(model, config.max_batch, fp16=config.fp16, cuda_graphs=config.cuda_graphs, device=config.device,
-                           fp32_first_convs=0 if config.fp16_exact else config.fp32_first_convs, compile=config.compile,
+                           fp32_first_convs=config.fp32_first_convs, compile=config.compile,
                            cache_dir=config.compile_cache_dir, fp16_exact=config.fp16_exact)
     if config.kind == "tensorrt":
         from engines.tensorrt_engine import TensorRTEngine

@@ -349,7 +349,7 @@ class TorchEngine(DeviceEngine):
         self.fp16_exact = fp16 and fp16_exact
         if self.fp16_exact:
             # every layer fp16 through exact rewrites, on the fp32 module before autocast, compile
-            # and capture (engines/torch_fp16.py; emulated on the CPU only, not yet run on a GPU)
+            # and capture (engines/torch_fp16.py); no convolution is left in fp32
             from engines.torch_fp16 import make_fp16_exact
 
             changed = make_fp16_exact(self.module, tuple(model.input_hw))
