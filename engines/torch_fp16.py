@@ -252,10 +252,8 @@ def centre_pixels(module, centre: float = 128.0, split_weights: bool = True) -> 
             e = int(np.floor(np.log2(16 / max(float(w.abs().max()), 1e-30))))  # largest weight in [8, 16)
             conv.weight.mul_(2.0**e)
             split = split_weights and conv.groups == 1
-            if split:  # W = hi + lo, both fp16 numbers, summed by the convolution's fp32 accumulator
-                hi = conv.weight.half().float()
-                conv.weight = torch.nn.Parameter(torch.cat([hi, conv.weight - hi], 1))
-                conv.in_channels *= 2
+            if split:
+                _split_hi_lo(conv)
         name = f"centred_pixels_{changed}_{node.target.replace('.', '_')}"
         module.add_submodule(name, CentredPixels(centre, 2.0**-e, conv.padding, split))
         conv.padding = (0,) * len(conv.padding)
@@ -265,6 +263,18 @@ def centre_pixels(module, centre: float = 128.0, split_weights: bool = True) -> 
     module.graph.lint()
     module.recompile()
     return changed
+
+
+def _split_hi_lo(conv) -> None:
+    """conv's weight W becomes [hi, lo] along the input channels (hi = W rounded to fp16, lo = the
+    rest), so a convolution reading each input channel twice sums W exactly in its fp32
+    accumulator. The caller arranges the doubled input."""
+    import torch
+
+    with torch.no_grad():
+        hi = conv.weight.half().float()
+        conv.weight = torch.nn.Parameter(torch.cat([hi, conv.weight - hi], 1))
+    conv.in_channels *= 2
 
 
 def split_weights(module, indices) -> int:
@@ -298,11 +308,7 @@ def split_weights(module, indices) -> int:
         target = targets[index]
         conv = module.get_submodule(target)
         node = nodes[target]
-        with torch.no_grad():
-            w = conv.weight
-            hi = w.half().float()
-            conv.weight = torch.nn.Parameter(torch.cat([hi, w - hi], 1))
-        conv.in_channels *= 2
+        _split_hi_lo(conv)
         name = f"split_input_{index}_{target.replace('.', '_')}"
         module.add_submodule(name, Doubled(conv.groups))
         with module.graph.inserting_before(node):
