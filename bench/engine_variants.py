@@ -40,6 +40,8 @@ VARIANTS = {  # name: TorchEngine options (CUDA graphs always on)
     "compiled fp16, first 16 convs fp32": {"fp16": True, "compile": True},
     "compiled fp16, first 3 convs fp32": {"fp16": True, "compile": True, "fp32_first_convs": 3},
     "compiled fp16, all layers": {"fp16": True, "compile": True, "fp32_first_convs": 0},
+    "eager fp16_exact": {"fp16": True, "fp16_exact": True},
+    "compiled fp16_exact": {"fp16": True, "compile": True, "fp16_exact": True},
 }
 
 
