@@ -420,8 +420,11 @@ class TorchEngine(DeviceEngine):
         self.compiled = True
 
     def _compile_failed(self, exc: BaseException) -> None:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        reason = " ".join(lines[:2] if len(lines) > 1 and lines[0].endswith(":") else lines[:1])  # "backend raised:" + why
         log.warning("engine torch: torch.compile cannot compile this model (%s: %s); running it eagerly",
-                    type(exc).__name__, str(exc).splitlines()[0][:160] if str(exc) else "")
+                    type(exc).__name__, reason[:300])
+        log.debug("engine torch: the compile error in full", exc_info=exc)
         self._run, self.compiled = self._eager, False
         self.module = self.module.to(memory_format=self.torch.contiguous_format)
         if self._compile_cache is not None:

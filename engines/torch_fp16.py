@@ -297,9 +297,13 @@ def split_weights(module, indices) -> int:
             self.groups = groups
 
         def forward(self, x):
+            # reshape, not view: under torch.compile the engine runs channels_last, and the
+            # concatenated groups of a channels_last tensor cannot be viewed as NCHW
+            if self.groups == 1:
+                return torch.cat([x, x], 1)
             n, c, h, w = x.shape
-            g = x.view(n, self.groups, 1, c // self.groups, h, w)
-            return torch.cat([g, g], 2).view(n, 2 * c, h, w)
+            g = x.reshape(n, self.groups, 1, c // self.groups, h, w)
+            return torch.cat([g, g], 2).reshape(n, 2 * c, h, w)
 
     targets = [target for target, _ in convolutions(module)]
     nodes = {n.target: n for n in module.graph.nodes if n.op == "call_module"}

@@ -141,6 +141,7 @@ def _frames(tmp_path, engine: dict, name: str) -> dict[int, list[dict]]:
                                publish={"wait_subscribers": 1, "wait_timeout_s": 60})
     returncode, messages, err = run_and_collect(path, config["publish"]["bind"], b"det/cam/", timeout=300)
     assert returncode == 0, err
+    assert not (engine.get("compile") and "cannot compile this model" in err), err  # no silent eager fallback
     return {m["frame"]: m["detections"] for _, m in messages if m["type"] == "detections"}
 
 
