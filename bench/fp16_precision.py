@@ -201,7 +201,7 @@ def main() -> int:
               "anchors": int(mask.sum()), "variants": {}, "attribution": []}
     calibration = images[: min(64, len(images))]
     variants = [("all layers fp16", lambda m: None),
-                ("first 16 convs fp32 (the old default)", lambda m: fp32_layers(m, 16, 0)),
+                ("first 16 convs fp32 (the default)", lambda m: fp32_layers(m, 16, 0)),
                 ("all fp16, recentred on synthetic images",
                  lambda m: recentre_convolutions(m, calibration_images(8, 416, 416))),
                 ("all fp16, recentred on 64 demo frames", lambda m: recentre_convolutions(m, calibration)),

@@ -227,7 +227,7 @@ class EngineConfig(_Strict):
     fp16: bool = False
     fp32_first_convs: Annotated[int, Field(ge=0, le=100_000)] = 16  # torch fp16: keep these first convolutions in fp32
     # torch fp16: every layer in fp16, through exact rewrites (engines/torch_fp16.py); implies
-    # fp32_first_convs 0. Off: its anchor-level error is measured only in CPU emulation so far
+    # fp32_first_convs 0. Off: on an H200 its anchor-level error (0.0221) is no better than the default's
     fp16_exact: bool = False
     cuda_graphs: bool = False  # torch only: replay captured CUDA graphs
     # torch only: torch.compile (inductor) with channels_last; compiled artifacts cached in compile_cache_dir
