@@ -106,8 +106,10 @@ def cmd_run(args) -> int:
     log.info("running %d camera(s) with %s, batch <= %d, publishing on %s", len(config.cameras),
              pipeline.engine.name, pipeline.engine.max_batch, pipeline.endpoint)
     subscribers = reports = None
+    # every camera opened and its first frame held (runtime.preroll_timeout_s), so that all start together
+    pipeline.preroll(stop_requested)
     if worker is not None:
-        # say ready (model loaded, lanes built, no source started) and wait for the go, which comes once
+        # say ready (model loaded, lanes built, cameras prerolled) and wait for the go, which comes once
         # every worker is ready: cameras started early would build a backlog while the others load
         from pipeline.workers import WorkerReports, ready_delay_for_tests
 

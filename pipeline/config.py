@@ -342,6 +342,10 @@ class RuntimeConfig(_Strict):
     # worker mode: "go" waits (as well as for publish.wait_subscribers) until every worker has loaded and
     # warmed its engine, at most this long; past it the ready workers start and the others when ready
     start_timeout_s: Seconds = 600.0
+    # before the run starts (in worker mode: before a worker says ready) every camera is opened and its
+    # first frame decoded and held, so that all start together; at most this long (then the run starts,
+    # a warning names the cameras still opening, and each starts when it opens); 0 = no preroll
+    preroll_timeout_s: Annotated[float, Field(ge=0, le=MAX_SECONDS)] = 120.0
     # worker mode: a running worker not heard from for this long is named in a warning and its threads'
     # stacks are dumped into the log (it is not killed or restarted)
     worker_silence_s: Seconds = 15.0

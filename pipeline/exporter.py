@@ -82,8 +82,8 @@ def pipeline_families(pipeline, extra_labels: dict[str, str] | None = None) -> l
                        "camera's oldest frame; decode_error; stopped)")
     # one sample a camera, its current state as a label (not one per possible state: 64 cameras x 5
     # states was a fifth of a scrape); `vapipe_camera_state{state!="running"}` lists the others
-    state = out.family("vapipe_camera_state", "gauge", "The camera's current state (connecting, running, "
-                       "reconnecting, ended, failed) as a label; always 1")
+    state = out.family("vapipe_camera_state", "gauge", "The camera's current state (connecting, opened, "
+                       "running, reconnecting, ended, failed) as a label; always 1")
     reconnects = out.family("vapipe_camera_reconnects_total", "counter", "Streams lost after frames had flowed, and reopened")
     depth = out.family("vapipe_camera_queue_depth", "gauge", "Frames waiting in a camera's queue")
     for source in sources:

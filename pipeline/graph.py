@@ -129,6 +129,10 @@ class Pipeline:
             raise
         self.endpoint = publish_connect or bound_endpoint(self.socket)
         self.sinks = create_sinks(config.publish.sinks, client_name=f"vapipe-{os.getpid()}")
+        # the run's start for the sources: open except from `preroll()` to `start()`, while each camera
+        # holds its first frame
+        self.gate = threading.Event()
+        self.gate.set()
 
         self.sources: list[SourceStage] = [self._make_source(camera) for camera in config.cameras]
 
@@ -186,7 +190,7 @@ class Pipeline:
         queue = BoundedQueue(2 if camera.is_live else self.config.runtime.queue_size, policy, name=f"camera.{camera.id}")
         # its own stop: a removed camera stops alone (`stop` sets every camera's)
         source = SourceStage(camera, queue, threading.Event(), keep_video=self.config.letterbox_on_gpu,
-                             device=self.config.engine.device)
+                             device=self.config.engine.device, gate=self.gate)
         queue._on_drop = lambda _item, s=source: s.metrics.drop("queue_full")
         return source
 
@@ -255,6 +259,39 @@ class Pipeline:
             self.removed_cameras[camera_id] = source.snapshot()
             return self.removed_cameras[camera_id]
 
+    def preroll(self, stop_requested: threading.Event | None = None) -> list[str]:
+        """Open every camera and decode its first frame before the run starts, at most
+        `runtime.preroll_timeout_s`; each holds that frame until `start()` (SourceStage._hold).
+
+        Opening is slow when many cameras open at once (a hundred NVDEC decoders: tens of seconds), and
+        a camera that started first would fall behind while the others open. Returns the cameras
+        still opening at the timeout (each starts when it opens)."""
+        timeout_s = self.config.runtime.preroll_timeout_s
+        if not timeout_s or self.started:
+            return []
+        self.gate.clear()
+        with self._changing:
+            opening = list(self.sources)
+        began = time.monotonic()
+        for source in opening:
+            source.start()
+        count = len(opening)
+        while True:
+            opening = [s for s in opening if s.alive and not s.opened.is_set()]
+            stopped = stop_requested is not None and stop_requested.is_set()
+            if not opening or stopped or time.monotonic() - began >= timeout_s:
+                break
+            time.sleep(0.05)
+        if stopped:
+            return []
+        if opening:
+            log.warning("preroll: %d of %d camera(s) still opening after %.0f s (runtime.preroll_timeout_s): %s; "
+                        "the run starts without them, each starts when it opens", len(opening), count, timeout_s,
+                        ", ".join(s.camera.id for s in opening))
+        else:
+            log.info("preroll: %d camera(s) opened in %.1f s", count, time.monotonic() - began)
+        return [s.camera.id for s in opening]
+
     def start(self, stop_requested: threading.Event | None = None, subscribers: int | None = None) -> None:
         """Start every stage, after waiting for `subscribers` (default `publish.wait_subscribers`).
 
@@ -278,9 +315,13 @@ class Pipeline:
                             publish.wait_timeout_s)
         with self._changing:  # a camera added from here on starts itself
             self.started = True
-            stages = list(reversed(self.stages))  # consumers first
-        for stage in stages:
+            sources = list(reversed(self.sources))
+        for stage in reversed(self.core_stages):  # consumers first
             stage.start()
+        self.gate.set()  # the prerolled cameras send their first frames
+        for source in sources:
+            if not source.started:  # not prerolled
+                source.start()
 
     def stop(self) -> None:
         """Stop the sources and let the rest drain what they already accepted.

@@ -57,6 +57,7 @@ def to_bgr(av_frame, converter: str = "swscale", reformatter: VideoReformatter |
 
 class SourceState(enum.Enum):
     CONNECTING = "connecting"  # first attempt to open
+    OPENED = "opened"  # preroll: decoder open, first frame decoded and held until the run starts
     RUNNING = "running"  # frames are flowing
     RECONNECTING = "reconnecting"  # lost (or never had) the stream: waiting out a backoff, then opening again
     ENDED = "ended"  # stopped, or a file read to its end
@@ -82,6 +83,8 @@ def _classify(exc: BaseException) -> str:
 # a file that yields fewer frames than its container declares by more than this fraction is
 # reported (truncated, or a hole in its data): FFmpeg itself often ends such files without an error
 MISSING_FRAMES_WARN_FRACTION = 0.02
+# a network camera released by the preroll starts at its next keyframe, waiting at most this long for one
+KEYFRAME_WAIT_S = 5.0
 
 
 def probe_files(cameras: list[CameraConfig]) -> dict[str, tuple[int, int]]:
@@ -197,11 +200,23 @@ class _Lag:
         return False
 
 
+def _test_decoder_start_delay(camera_id: str) -> float:
+    """Tests only: VAPIPE_TEST_DECODER_START_DELAY=<seconds> makes each connection's decoder that slow
+    to open, for every camera; `<id>=<seconds>[,<id>=<seconds>...]` for the cameras named."""
+    value = os.environ.get("VAPIPE_TEST_DECODER_START_DELAY") or ""
+    if "=" not in value:
+        return float(value or 0)
+    delays = dict(item.split("=", 1) for item in value.split(",") if item)
+    return float(delays.get(camera_id, 0))
+
+
 class SourceStage(Stage):
     poll_s = None
 
     def __init__(self, camera: CameraConfig, outbox: BoundedQueue, stop: threading.Event, keep_video: bool = False,
-                 device: int = 0):
+                 device: int = 0, gate: threading.Event | None = None):
+        """`gate`: the run's start (Pipeline.preroll): while it is clear, a camera that has decoded its
+        first frame holds it (`opened` is set) instead of sending it on; None or set: no hold."""
         self.name = f"source.{camera.id}"
         super().__init__(None, outbox)
         self.camera = camera
@@ -211,6 +226,8 @@ class SourceStage(Stage):
         self.device = device
         self._reformatter = VideoReformatter()  # keeps its swscale context across frames
         self.stop_event = stop
+        self.gate = gate
+        self.opened = threading.Event()  # the first frame is decoded (held while the gate is clear)
         self.state = SourceState.CONNECTING
         self.reconnects = 0  # times a stream that had delivered frames was lost and reopened
         self.attempts = 0  # every open, the first included
@@ -228,8 +245,7 @@ class SourceStage(Stage):
         self._missing_warned = False
         self._next_pass_due: float | None = None  # a paced loop: when the next pass's first packet is due
         self._skip_logged_at = -1e9  # monotonic time of the last "skipped to the next keyframe" line
-        # tests only (VAPIPE_TEST_DECODER_START_DELAY=<seconds>): each connection's decoder is that slow to open
-        self._test_decoder_start_delay_s = float(os.environ.get("VAPIPE_TEST_DECODER_START_DELAY") or 0)
+        self._test_decoder_start_delay_s = _test_decoder_start_delay(camera.id)
         self.last_queued: int | None = None  # index of the last frame its queue accepted (a removal waits for it)
         self._queued_at: collections.deque = collections.deque(maxlen=256)  # monotonic times, for `fps`
 
@@ -348,6 +364,7 @@ class SourceStage(Stage):
         lag = _Lag(self.camera.max_lag_s if self.camera.is_live else None, self._frame_interval(stream))
         pass_start = self.next_index
         decoder_opened = False  # the first packet opens the decoder
+        keyframe_by: float | None = None  # released by the preroll: a network camera waits for a keyframe until then
         while not self.stop_event.is_set():
             try:
                 read_started = time.monotonic()
@@ -387,6 +404,11 @@ class SourceStage(Stage):
                 late_s = lag.late_by(float(stamp * packet.time_base), read_s)
             else:
                 late_s = 0.0
+            if keyframe_by is not None:
+                if not packet.is_keyframe and time.monotonic() < keyframe_by:
+                    last_frame = time.monotonic()  # packets flow: not a stall
+                    continue  # before the run's first frame: no frame number, nothing dropped
+                keyframe_by = None  # a keyframe (or a stream that never flags one: decode on)
             if lag.skip(late_s, packet.is_keyframe):
                 self.next_index += 1  # a frame number for each skipped frame: subscribers see the gap
                 self.metrics.drop("late")
@@ -412,10 +434,17 @@ class SourceStage(Stage):
             if stall_s is not None and not frames and time.monotonic() - last_frame > stall_s:
                 return f"stalled (no frame for {stall_s:g} s)"
             if frames and not lag.decoding:
+                if self.gate is not None and not self.gate.is_set():
+                    held = self._hold(stream, packets, frames)
+                    if isinstance(held, str):
+                        return held
+                    frames = held
+                    if not self.camera.is_file:
+                        keyframe_by = time.monotonic() + KEYFRAME_WAIT_S
                 lag.decoder_started()
                 if paced and last_paced is not None:
-                    # a paced file's clock starts when its decoder gives the first frame, not at the
-                    # first packet: the decoder's opening is not lateness
+                    # a paced file's clock starts when its decoder gives the first frame (or, held by the
+                    # preroll, when the run starts), not at the first packet: the opening is not lateness
                     self._pace_start = (time.monotonic(), last_paced[0])
             for av_frame in frames:
                 if self.stop_event.is_set():
@@ -448,6 +477,39 @@ class SourceStage(Stage):
                 self._on_frames_flowing()
                 started = time.perf_counter()  # the next frame's cost starts after this one left
         return "stopped"
+
+    def _hold(self, stream, packets, frames: list):
+        """The preroll: the decoder is open and `frames` are its first; hold them until the run starts
+        (the gate is set). A file waits where it is, and its held frames go on at the start. A network
+        or device camera cannot be paused: it keeps reading, so its sender never waits on us, and drops
+        what it reads; at the start its held frames are stale, so they are dropped too, its decoder is
+        flushed and it starts at the next keyframe (the caller skips to it). Returns the frames to send
+        on, or why the stream ended while held."""
+        self.state = SourceState.OPENED
+        self.opened.set()
+        log.debug("camera %s: opened; holding its first frame until the run starts", self.camera.id)
+        if self.camera.is_file:
+            while not self.gate.wait(0.1):
+                if self.stop_event.is_set():
+                    return "stopped"
+            self.state = SourceState.RUNNING
+            return frames
+        read = 0
+        while not self.gate.is_set():  # a read blocks at most the read timeout (then it raises)
+            if self.stop_event.is_set():
+                return "stopped"
+            try:
+                next(packets)
+            except StopIteration:
+                return "stream ended"
+            except av.error.FFmpegError as exc:
+                return f"read failed ({_classify(exc)})"
+            read += 1
+        stream.codec_context.flush_buffers()  # no held reference frame decodes into the first frames
+        self.state = SourceState.RUNNING
+        log.debug("camera %s: run started; %d packet(s) read while held dropped, starting at a keyframe",
+                  self.camera.id, read)
+        return []
 
     def _log_skip(self, lag: "_Lag") -> None:
         """One line per catch-up, at most one a minute per camera (the drops are always counted)."""

@@ -15,7 +15,7 @@ import time
 import pytest
 import zmq
 
-from conftest import PERSON_CLIP, Subscriber, engine_fps, make_config, start_cli
+from conftest import PERSON_CLIP, Subscriber, engine_fps, make_config, small_clip, start_cli
 
 pytestmark = pytest.mark.usefixtures("assets_present")
 
@@ -391,3 +391,46 @@ def test_pipeline_frozen_skips_the_cameras_backlog_to_a_keyframe(tmp_path, rtsp_
     # after the skip the camera is live: frames keep coming at its rate
     after = collector.frames("cam", since=resumed + 1.0)
     assert len(after) >= 0.5 * fps * 1.5, f"{len(after)} frames in the 2 s after the catch-up at {fps} fps"
+
+
+def test_a_prerolled_rtsp_camera_starts_live(tmp_path, rtsp_server):
+    """The preroll (runtime.preroll_timeout_s) holds every camera at its first frame until all have opened;
+    here a file camera's decoder takes 4 s (the test-only hook), so the RTSP camera is held that long. A
+    network camera cannot be paused: held, it keeps reading and drops what its server sends; at the start
+    it flushes its decoder and begins at a keyframe. So its first frame is not one decoded 4 s before the
+    start, nor does it resume from what its socket kept of the hold (either shows as a jump of seconds in
+    its timestamps, or as late skips), and it starts with the slow camera. Without the reads while held
+    this test saw a 2.5 s jump; sending the held frame, 2.7 s."""
+    import os
+
+    fps = camera_fps(2, most=15)  # a keyframe every second (the server's key-int-max is its fps)
+    server = rtsp_server(fps=fps)
+    hold_s = 4.0
+    clip = small_clip(tmp_path / "slow.mp4", 3 * fps, fps)
+    cameras = [live_camera("cam", server.url(), stall_timeout_s=5, max_lag_s=1.0),
+               {"id": "slow", "url": str(clip), "live": True, "realtime": True, "loop": True}]
+    config, data = make_config(tmp_path, cameras)
+    summary_path = tmp_path / "summary.json"
+    collector = Collector(data["publish"]["bind"])
+    proc = start_cli("--config", str(config), "--summary-json", str(summary_path),
+                     env={"VAPIPE_TEST_DECODER_START_DELAY": f"slow={hold_s:g}"})
+    try:
+        assert collector.wait_for("slow", timeout=60) is not None, "the slow camera never started"
+        assert collector.wait_for("cam", count=2 * fps, timeout=60) is not None, "no frames from the RTSP camera"
+        code, err, _took = stop_cli(proc)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.kill()
+        collector.close()
+    assert code == 0, err[-2000:]
+    stats = json.loads(summary_path.read_text())["cameras"]["cam"]
+    assert stats["drops"].get("late", 0) == 0 and "skipped" not in err, f"a burst of the held seconds: {stats}"
+    frames = collector.frames("cam")
+    pts = [m["pts"] for m in frames if m["pts"] is not None]
+    jumps = [b - a for a, b in zip(pts, pts[1:])]
+    assert frames[0]["frame"] == 0 and max(jumps) < 1.0, f"a stale held frame was sent: timestamp steps {jumps[:5]}"
+    started = {camera: collector.frames(camera)[0]["capture_time"] for camera in ("cam", "slow")}
+    # together, give or take the RTSP camera's wait for its next keyframe (one a second)
+    assert abs(started["cam"] - started["slow"]) < 2.5, started
+    assert "preroll: 2 camera(s) opened" in err, err[-2000:]

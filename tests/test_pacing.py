@@ -159,3 +159,45 @@ def test_a_camera_that_falls_behind_skips_to_a_keyframe_and_counts_it(tmp_path):
     # and the camera is live again: what was captured after the catch-up arrives in well under max_lag_s
     after = sorted(m["latency_ms"]["total"] for m in frames if m["capture_time"] > resumed + 1.0)
     assert after and after[len(after) // 2] < 500, after
+
+
+def _first_frames(messages) -> dict[str, float]:
+    """Each camera's first detections message: its capture time."""
+    first = {}
+    for _, message in messages:
+        if message["type"] == "detections":
+            first.setdefault(message["camera"], message["capture_time"])
+    return first
+
+
+@pytest.mark.parametrize("preroll_timeout_s", [None, 1.0], ids=["default", "timeout-1s"])
+def test_the_preroll_starts_every_camera_together(tmp_path, preroll_timeout_s):
+    """runtime.preroll_timeout_s: before the run starts, every camera is opened and its first frame
+    decoded and held, so a camera whose decoder is slow to open (4 s here, the test-only hook; NVDEC with
+    hundreds opening at once: 20-76 s) starts with the others instead of seconds after them while they
+    run ahead. With a timeout shorter than that opening, the run starts without it, a warning names
+    it, and it starts when it opens."""
+    fps = paced_fps()
+    clip = small_clip(tmp_path / "short.mp4", 3 * fps, fps)
+    open_delay_s = 4.0
+    cameras = [{"id": camera, "url": str(clip), "live": True, "realtime": True, "loop": True} for camera in ("fast", "slow")]
+    runtime = {"shutdown_deadline_s": 60, **({"preroll_timeout_s": preroll_timeout_s} if preroll_timeout_s else {})}
+    path, config = make_config(tmp_path, cameras, publish={"wait_subscribers": 1, "wait_timeout_s": 60}, runtime=runtime)
+    subscriber = Subscriber(config["publish"]["bind"], [b"det/"])
+    process = start_cli("--config", str(path), env={"VAPIPE_TEST_DECODER_START_DELAY": f"slow={open_delay_s:g}"})
+    try:
+        messages = subscriber.collect(lambda ms: set(_first_frames(ms)) == {"fast", "slow"}, timeout=120)
+    finally:
+        process.terminate()
+        _out, err = process.communicate(timeout=60)
+        subscriber.close()
+    assert process.returncode == 0, err[-2000:]
+    first = _first_frames(messages)
+    assert set(first) == {"fast", "slow"}, err[-2000:]
+    gap = first["slow"] - first["fast"]
+    if preroll_timeout_s is None:
+        assert abs(gap) < 1.5, f"the slow camera started {gap:.1f} s after the other"
+        assert "preroll: 2 camera(s) opened" in err, err[-2000:]
+    else:
+        assert "preroll: 1 of 2 camera(s) still opening after 1 s (runtime.preroll_timeout_s): slow" in err, err[-2000:]
+        assert gap > 1.5, f"the run waited for the slow camera past the preroll's timeout (gap {gap:.1f} s)"

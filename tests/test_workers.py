@@ -102,9 +102,12 @@ def test_sigterm_drains_every_worker(tmp_path):
     assert {m["camera"] for _, m in messages if m["type"] == "end"} == every_camera
 
 
-def _two_workers_one_slow(tmp_path, short_clips, delay_s: float, **runtime) -> tuple[list, str, dict]:
-    """Cameras a and b on workers 0 and 1, worker 1 saying ready `delay_s` late (the test-only hook):
-    the messages until both cameras end, the run's stderr, and its summary's `start` record."""
+def _two_workers_one_slow(tmp_path, short_clips, delay_s: float, hook: str = "VAPIPE_TEST_READY_DELAY",
+                          **runtime) -> tuple[list, str, dict]:
+    """Cameras a and b on workers 0 and 1, worker 1 (or its camera b) `delay_s` slow through a test-only
+    hook: VAPIPE_TEST_READY_DELAY (the worker says ready that late) or VAPIPE_TEST_DECODER_START_DELAY
+    (camera b's decoder is that slow to open). The messages until both cameras end, the run's stderr,
+    and its summary's `start` record."""
     people, bottles = short_clips
     cameras = [{"id": "a", "url": str(people)}, {"id": "b", "url": str(bottles)}]
     path, config = make_config(tmp_path, cameras, engine={"lanes": 1}, publish={"wait_subscribers": 1, "wait_timeout_s": 60},
@@ -112,7 +115,7 @@ def _two_workers_one_slow(tmp_path, short_clips, delay_s: float, **runtime) -> t
     summary = tmp_path / "summary.json"
     subscriber = Subscriber(config["publish"]["bind"], [b"det/"])
     process = start_cli("--config", str(path), "--summary-json", str(summary),
-                        env={"VAPIPE_TEST_READY_DELAY": f"1:{delay_s:g}"})
+                        env={hook: f"1:{delay_s:g}" if hook == "VAPIPE_TEST_READY_DELAY" else f"b={delay_s:g}"})
     try:
         messages = subscriber.collect(lambda ms: sum(m["type"] == "end" for _, m in ms) == 2, timeout=240)
         _, err = process.communicate(timeout=60)
@@ -123,6 +126,14 @@ def _two_workers_one_slow(tmp_path, short_clips, delay_s: float, **runtime) -> t
     return messages, err, json.loads(summary.read_text())["start"]
 
 
+def _first_frames(messages) -> dict[str, float]:
+    first = {}
+    for _, message in messages:
+        if message["type"] == "detections":
+            first.setdefault(message["camera"], message["capture_time"])
+    return first
+
+
 def test_workers_start_together_once_the_slowest_is_ready(tmp_path, short_clips):
     """Worker 1 says ready 6 s after worker 0 (the test-only hook stands in for a worker loading
     compiled artifacts on a starved host): no camera's first frame is captured before the last
@@ -131,12 +142,22 @@ def test_workers_start_together_once_the_slowest_is_ready(tmp_path, short_clips)
     assert start["ready_at"]["1"] - start["ready_at"]["0"] > 2, start  # the hook made worker 1 the slow one
     assert re.search(r"all 2 workers ready in [\d.]+ s \(slowest: worker 1, [\d.]+ s\)", err), err
     last_ready = max(start["ready_at"].values())
-    first = {}
-    for _, message in messages:
-        if message["type"] == "detections":
-            first.setdefault(message["camera"], message["capture_time"])
+    first = _first_frames(messages)
     assert set(first) == {"a", "b"}
     assert all(captured > last_ready for captured in first.values()), (first, start)
+
+
+def test_a_worker_prerolls_its_cameras_before_it_says_ready(tmp_path, short_clips):
+    """Camera b's decoder takes 5 s to open (NVDEC with a hundred cameras opening at once after the go
+    took 20-76 s on a 4-GPU host): its worker opens it and holds its first frame before saying ready
+    (runtime.preroll_timeout_s), so both cameras start together at the go instead of b 5 s late while a
+    runs ahead."""
+    messages, err, start = _two_workers_one_slow(tmp_path, short_clips, 5, hook="VAPIPE_TEST_DECODER_START_DELAY")
+    assert start["ready_at"]["1"] - start["ready_at"]["0"] > 3, start  # the opening is inside worker 1's ready
+    first = _first_frames(messages)
+    assert set(first) == {"a", "b"}
+    assert abs(first["a"] - first["b"]) < 1.5, first
+    assert "preroll: 1 camera(s) opened" in err, err[-3000:]
 
 
 def test_subscribers_get_the_whole_wait_once_the_workers_are_ready(tmp_path, short_clips):
