@@ -13,7 +13,8 @@ subscriber here receives every detection message and measures, over a window aft
 - frames lost (gaps in each camera's frame numbers: dropped in queues or never published);
 - CPU cores used by the pipeline's processes and GPU / NVDEC utilisation (NVML);
 - start-up: seconds from launching `run.py` to every camera publishing (with a compiled engine and
-  many workers, loading the artifacts is most of it).
+  many workers, loading the artifacts is most of it), and start spread: seconds from the first
+  camera's first message to the last camera's (the preroll makes them start together).
 
 A stream count passes when, in every one of `--windows` consecutive windows (3 by default: one
 10 s window's p99 is noisy), every stream holds >= 95% of 30 fps, the total >= 98% of N x 30 and
@@ -38,6 +39,7 @@ import datetime
 from fractions import Fraction
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -125,7 +127,8 @@ class Collector(threading.Thread):
         self.socket.connect(endpoint)
         self.window: tuple[float, float] | None = None
         self.first_message: float | None = None
-        self.cameras_seen: set[bytes] = set()  # before the window: has every camera published yet?
+        # before the window: has every camera published yet? (topic -> when its first message came)
+        self.cameras_seen: dict[bytes, float] = {}
         self.rows: list[tuple[str, int, float, float, float, float]] = []
         self.stop = threading.Event()
 
@@ -138,7 +141,7 @@ class Collector(threading.Thread):
             if self.first_message is None:
                 self.first_message = now
             if self.window is None:
-                self.cameras_seen.add(topic)
+                self.cameras_seen.setdefault(topic, now)
             window = self.window
             if window is None or not (window[0] <= now < window[1]):
                 continue
@@ -213,6 +216,9 @@ def measure(clips: list[Path], streams: int, decoder: str, args, workdir: Path, 
         while len(collector.cameras_seen) < streams and time.time() < deadline and process.poll() is None:
             time.sleep(0.2)
         result["startup_s"] = round(time.time() - launched, 1)  # from launch to every camera publishing
+        firsts = list(collector.cameras_seen.values())
+        # from the first camera's first message to the last one's: how together they started (the preroll)
+        result["start_spread_s"] = round(max(firsts) - min(firsts), 1) if firsts else None
         if len(collector.cameras_seen) < streams:
             if process.poll() is not None:
                 last = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()][-1:]
@@ -381,9 +387,9 @@ def main() -> int:
              + ("engine compiled | " if args.compile else "")
              + f"{args.windows} x {args.duration:g} s windows"
              + (f" | {args.label}" if args.label else ""))
-    header = ("| input | decoder | GPUs | streams | workers | start s | pass | fps total | fps/stream min | mean | p50 ms | p99 ms (worst) | "
+    header = ("| input | decoder | GPUs | streams | workers | start s | start spread s | pass | fps total | fps/stream min | mean | p50 ms | p99 ms (worst) | "
               "p99 ms per window | max ms | lost | CPU cores | GPU % | NVDEC % | GPU ms/frame | infer p50 ms |")
-    lines = [f"# Load: {title}", "", header, "| " + " | ".join(["---"] * 20) + " |"]
+    lines = [f"# Load: {title}", "", header, "| " + " | ".join(["---"] * 21) + " |"]
     print("\n".join(lines), flush=True)
     results = []
     gpu_counts = [int(n) for n in args.gpus.split(",")]
@@ -423,7 +429,7 @@ def ramp(clips: list[Path], args, workdir: Path, gpu_counts: list[int], results:
             if "error" in r:
                 line = f"| {input_shape} | {decoder} | {gpus_used} | {streams} | error: {r['error']} |"
             else:
-                line = (f"| {input_shape} | {decoder} | {gpus_used} | {streams} | {r['workers']} | {r['startup_s']} | {'yes' if r['pass'] else 'no'} | {r['fps_total']} | {r['fps_stream_min']} | "
+                line = (f"| {input_shape} | {decoder} | {gpus_used} | {streams} | {r['workers']} | {r['startup_s']} | {r['start_spread_s']} | {'yes' if r['pass'] else 'no'} | {r['fps_total']} | {r['fps_stream_min']} | "
                         f"{r['fps_stream_mean']} | {r['latency_p50_ms']} | {r['latency_p99_ms']} | "
                         f"{' / '.join(str(v) for v in r['latency_p99_ms_windows'])} | {r['latency_max_ms']} | "
                         f"{r['lost_frames']} | {r['cpu_cores']} | {r.get('gpu_util_pct', '?')} | {r.get('nvdec_util_pct', '?')} | "
@@ -431,6 +437,9 @@ def ramp(clips: list[Path], args, workdir: Path, gpu_counts: list[int], results:
             lines.append(line)
             print(line, flush=True)
             log_tail = (workdir / f"load_{decoder}_{streams}_{input_shape}.log").read_text(errors="replace").splitlines()
+            prerolls = [l for l in log_tail if "preroll:" in l]
+            if prerolls:  # one line a worker: the slowest opening
+                print(f"  log: {len(prerolls)} preroll line(s), slowest: {max(prerolls, key=_preroll_s)[:300]}", flush=True)
             status = [l for l in log_tail if " fps=" in l or "ERROR" in l or "WARNING" in l]
             for l in status[-4:]:
                 print(f"  log: {l[:400]}", flush=True)
@@ -445,6 +454,12 @@ def ramp(clips: list[Path], args, workdir: Path, gpu_counts: list[int], results:
                     break
         best = largest_passing(results, decoder, input_shape, gpus_used)
         lines.append(f"| {input_shape} | {decoder} | {gpus_used} | largest passing N: **{best}** |")
+
+
+def _preroll_s(line: str) -> float:
+    """Seconds of a 'preroll: N camera(s) opened in X s' log line (0 for another preroll line)."""
+    match = re.search(r"opened in ([\d.]+) s", line)
+    return float(match.group(1)) if match else 0.0
 
 
 def summarize_scaling(args, gpu_counts: list[int], results: list[dict], lines: list[str]) -> None:

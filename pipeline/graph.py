@@ -264,8 +264,10 @@ class Pipeline:
         `runtime.preroll_timeout_s`; each holds that frame until `start()` (SourceStage._hold).
 
         Opening is slow when many cameras open at once (a hundred NVDEC decoders: tens of seconds), and
-        a camera that started first would fall behind while the others open. Returns the cameras
-        still opening at the timeout (each starts when it opens)."""
+        a camera that started first would fall behind while the others open. A camera whose attempt
+        failed (refused, not found, timed out: each open is bounded by its open_timeout_s) is down, not
+        slow: it is not waited for, and starts when it connects. Returns the cameras not opened (each
+        starts when it opens)."""
         timeout_s = self.config.runtime.preroll_timeout_s
         if not timeout_s or self.started:
             return []
@@ -275,22 +277,25 @@ class Pipeline:
         began = time.monotonic()
         for source in opening:
             source.start()
-        count = len(opening)
+        sources = opening
         while True:
-            opening = [s for s in opening if s.alive and not s.opened.is_set()]
+            opening = [s for s in opening if s.alive and not s.opened.is_set() and not s.open_failed]
             stopped = stop_requested is not None and stop_requested.is_set()
             if not opening or stopped or time.monotonic() - began >= timeout_s:
                 break
             time.sleep(0.05)
         if stopped:
             return []
+        down = [s.camera.id for s in sources if s.open_failed and not s.opened.is_set() and s not in opening]
+        opened = sum(s.opened.is_set() for s in sources)
+        log.info("preroll: %d camera(s) opened in %.1f s%s", opened, time.monotonic() - began,
+                 f"; not waiting for {len(down)} that could not be opened ({', '.join(down)}): each starts when it "
+                 f"connects" if down else "")
         if opening:
             log.warning("preroll: %d of %d camera(s) still opening after %.0f s (runtime.preroll_timeout_s): %s; "
-                        "the run starts without them, each starts when it opens", len(opening), count, timeout_s,
+                        "the run starts without them, each starts when it opens", len(opening), len(sources), timeout_s,
                         ", ".join(s.camera.id for s in opening))
-        else:
-            log.info("preroll: %d camera(s) opened in %.1f s", count, time.monotonic() - began)
-        return [s.camera.id for s in opening]
+        return [*down, *(s.camera.id for s in opening)]
 
     def start(self, stop_requested: threading.Event | None = None, subscribers: int | None = None) -> None:
         """Start every stage, after waiting for `subscribers` (default `publish.wait_subscribers`).

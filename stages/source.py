@@ -228,6 +228,7 @@ class SourceStage(Stage):
         self.stop_event = stop
         self.gate = gate
         self.opened = threading.Event()  # the first frame is decoded (held while the gate is clear)
+        self.open_failed = False  # an attempt ended before the first frame: down (the preroll does not wait), not slow
         self.state = SourceState.CONNECTING
         self.reconnects = 0  # times a stream that had delivered frames was lost and reopened
         self.attempts = 0  # every open, the first included
@@ -273,6 +274,7 @@ class SourceStage(Stage):
                     self.end_reason = "failed"
                     raise
                 self.failed_attempts += 1
+                self.open_failed = not self.opened.is_set()
                 failures += 1
                 self._note_error(getattr(exc, "error_class", "error"), str(exc), failures)
                 self._backoff(failures)
@@ -285,6 +287,7 @@ class SourceStage(Stage):
                 container.close()
             if self.stop_event.is_set() or self.outbox.closed:
                 break
+            self.open_failed = not self.opened.is_set()
             if self.camera.loop and self.camera.is_file and self.next_index > frames_before:
                 continue  # a looped file (live or not) starts over at once
             if not self.camera.is_live:

@@ -116,6 +116,15 @@ class Subscriber:
         self.socket.close(0)
 
 
+def first_frames(messages: list[tuple[bytes, dict]]) -> dict[str, float]:
+    """Each camera's first detections message (of a Subscriber's list): its capture time."""
+    first = {}
+    for _, message in messages:
+        if message["type"] == "detections":
+            first.setdefault(message["camera"], message["capture_time"])
+    return first
+
+
 def run_and_collect(config_path: Path, endpoint: str, topic: bytes, *args: str, timeout: float = 240):
     """Run the CLI with a subscriber on `topic` (the config should wait for it) until the camera's end
     message: (exit code, [(topic, header)], stderr)."""

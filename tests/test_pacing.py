@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import Subscriber, engine_fps, make_config, start_cli, small_clip
+from conftest import Subscriber, engine_fps, first_frames, make_config, start_cli, small_clip
 
 
 def paced_fps() -> int:
@@ -161,15 +161,6 @@ def test_a_camera_that_falls_behind_skips_to_a_keyframe_and_counts_it(tmp_path):
     assert after and after[len(after) // 2] < 500, after
 
 
-def _first_frames(messages) -> dict[str, float]:
-    """Each camera's first detections message: its capture time."""
-    first = {}
-    for _, message in messages:
-        if message["type"] == "detections":
-            first.setdefault(message["camera"], message["capture_time"])
-    return first
-
-
 @pytest.mark.parametrize("preroll_timeout_s", [None, 1.0], ids=["default", "timeout-1s"])
 def test_the_preroll_starts_every_camera_together(tmp_path, preroll_timeout_s):
     """runtime.preroll_timeout_s: before the run starts, every camera is opened and its first frame
@@ -186,13 +177,13 @@ def test_the_preroll_starts_every_camera_together(tmp_path, preroll_timeout_s):
     subscriber = Subscriber(config["publish"]["bind"], [b"det/"])
     process = start_cli("--config", str(path), env={"VAPIPE_TEST_DECODER_START_DELAY": f"slow={open_delay_s:g}"})
     try:
-        messages = subscriber.collect(lambda ms: set(_first_frames(ms)) == {"fast", "slow"}, timeout=120)
+        messages = subscriber.collect(lambda ms: set(first_frames(ms)) == {"fast", "slow"}, timeout=120)
     finally:
         process.terminate()
         _out, err = process.communicate(timeout=60)
         subscriber.close()
     assert process.returncode == 0, err[-2000:]
-    first = _first_frames(messages)
+    first = first_frames(messages)
     assert set(first) == {"fast", "slow"}, err[-2000:]
     gap = first["slow"] - first["fast"]
     if preroll_timeout_s is None:

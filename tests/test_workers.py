@@ -14,7 +14,7 @@ import threading
 import time
 import urllib.request
 
-from conftest import PERSON_CLIP, SHORT_FRAMES, Subscriber, free_port, make_config, start_cli
+from conftest import PERSON_CLIP, SHORT_FRAMES, Subscriber, first_frames, free_port, make_config, start_cli
 def _run_until_ends(path, endpoint: str, cameras: int, signal_after=None):
     """Start the CLI with a subscriber on every `det/` topic; optionally SIGTERM it once `signal_after`
     is true of the messages; collect until every camera's end message: (exit code, messages, stderr)."""
@@ -126,14 +126,6 @@ def _two_workers_one_slow(tmp_path, short_clips, delay_s: float, hook: str = "VA
     return messages, err, json.loads(summary.read_text())["start"]
 
 
-def _first_frames(messages) -> dict[str, float]:
-    first = {}
-    for _, message in messages:
-        if message["type"] == "detections":
-            first.setdefault(message["camera"], message["capture_time"])
-    return first
-
-
 def test_workers_start_together_once_the_slowest_is_ready(tmp_path, short_clips):
     """Worker 1 says ready 6 s after worker 0 (the test-only hook stands in for a worker loading
     compiled artifacts on a starved host): no camera's first frame is captured before the last
@@ -142,7 +134,7 @@ def test_workers_start_together_once_the_slowest_is_ready(tmp_path, short_clips)
     assert start["ready_at"]["1"] - start["ready_at"]["0"] > 2, start  # the hook made worker 1 the slow one
     assert re.search(r"all 2 workers ready in [\d.]+ s \(slowest: worker 1, [\d.]+ s\)", err), err
     last_ready = max(start["ready_at"].values())
-    first = _first_frames(messages)
+    first = first_frames(messages)
     assert set(first) == {"a", "b"}
     assert all(captured > last_ready for captured in first.values()), (first, start)
 
@@ -154,7 +146,7 @@ def test_a_worker_prerolls_its_cameras_before_it_says_ready(tmp_path, short_clip
     runs ahead."""
     messages, err, start = _two_workers_one_slow(tmp_path, short_clips, 5, hook="VAPIPE_TEST_DECODER_START_DELAY")
     assert start["ready_at"]["1"] - start["ready_at"]["0"] > 3, start  # the opening is inside worker 1's ready
-    first = _first_frames(messages)
+    first = first_frames(messages)
     assert set(first) == {"a", "b"}
     assert abs(first["a"] - first["b"]) < 1.5, first
     assert "preroll: 1 camera(s) opened" in err, err[-3000:]
