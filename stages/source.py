@@ -441,7 +441,7 @@ class SourceStage(Stage):
                     held = self._hold(stream, packets, frames)
                     if isinstance(held, str):
                         return held
-                    frames = held
+                    frames, last_frame = held, time.monotonic()  # the hold is not a stall
                     if not self.camera.is_file:
                         keyframe_by = time.monotonic() + KEYFRAME_WAIT_S
                 lag.decoder_started()
