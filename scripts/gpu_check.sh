@@ -13,6 +13,11 @@ echo "gpu_check: logs and rows in $out"
 mkdir -p "$out"
 python=${PYTHON:-python3}
 "$python" -c "import torch; assert torch.cuda.is_available()" || { echo "gpu_check: no CUDA device for PyTorch" >&2; exit 2; }
+# the assets first: without them every test fails, after minutes of GPU time
+assets=${ASSETS_DIR:-../shared/assets}
+for asset in models/yolox_nano.onnx models/coco_classes.txt videos/one-by-one-person-detection.mp4 videos/bottle-detection.mp4; do
+  [ -f "$assets/$asset" ] || { echo "gpu_check: $assets/$asset: not found (ASSETS_DIR needs models/ and videos/ as in ../shared/assets)" >&2; exit 2; }
+done
 nvidia-smi -L | tee "$out/gpus.txt"
 "$python" -m pytest -m gpu tests/test_gpu.py -q -rs -p no:cacheprovider >"$out/gpu_tests.log" 2>&1
 tests=$?

@@ -102,7 +102,9 @@ class Subscriber:
         self.socket.connect(endpoint)
         self.messages: list[tuple[bytes, dict]] = []
 
-    def collect(self, until, timeout: float = 120.0) -> list[tuple[bytes, dict]]:
+    def collect(self, until, timeout: float = 120.0, process: subprocess.Popen | None = None) -> list[tuple[bytes, dict]]:
+        """Receive until `until(messages)` or `timeout`; with `process`, also once it has exited and nothing
+        more is queued (a run that failed at its start is not waited on for the whole timeout)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.socket.poll(200):
@@ -110,6 +112,8 @@ class Subscriber:
                 self.messages.append((parts[0], json.loads(parts[1])))
                 if until(self.messages):
                     break
+            elif process is not None and process.poll() is not None:
+                break
         return self.messages
 
     def close(self) -> None:
@@ -131,7 +135,7 @@ def run_and_collect(config_path: Path, endpoint: str, topic: bytes, *args: str, 
     subscriber = Subscriber(endpoint, [topic])
     process = start_cli("--config", str(config_path), *args)
     try:
-        messages = subscriber.collect(lambda ms: ms[-1][1]["type"] == "end", timeout=timeout)
+        messages = subscriber.collect(lambda ms: ms[-1][1]["type"] == "end", timeout=timeout, process=process)
         _, err = process.communicate(timeout=60)
     finally:
         process.kill()

@@ -177,7 +177,7 @@ def test_the_preroll_starts_every_camera_together(tmp_path, preroll_timeout_s):
     subscriber = Subscriber(config["publish"]["bind"], [b"det/"])
     process = start_cli("--config", str(path), env={"VAPIPE_TEST_DECODER_START_DELAY": f"slow={open_delay_s:g}"})
     try:
-        messages = subscriber.collect(lambda ms: set(first_frames(ms)) == {"fast", "slow"}, timeout=120)
+        messages = subscriber.collect(lambda ms: set(first_frames(ms)) == {"fast", "slow"}, timeout=120, process=process)
     finally:
         process.terminate()
         _out, err = process.communicate(timeout=60)

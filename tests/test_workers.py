@@ -117,7 +117,7 @@ def _two_workers_one_slow(tmp_path, short_clips, delay_s: float, hook: str = "VA
     process = start_cli("--config", str(path), "--summary-json", str(summary),
                         env={hook: f"1:{delay_s:g}" if hook == "VAPIPE_TEST_READY_DELAY" else f"b={delay_s:g}"})
     try:
-        messages = subscriber.collect(lambda ms: sum(m["type"] == "end" for _, m in ms) == 2, timeout=240)
+        messages = subscriber.collect(lambda ms: sum(m["type"] == "end" for _, m in ms) == 2, timeout=240, process=process)
         _, err = process.communicate(timeout=60)
     finally:
         process.kill()
@@ -170,7 +170,7 @@ def test_subscribers_get_the_whole_wait_once_the_workers_are_ready(tmp_path, sho
         while not any("workers ready" in line for line in list(lines)) and time.monotonic() < deadline:
             time.sleep(0.1)
         subscriber = Subscriber(config["publish"]["bind"], [b"det/"])
-        messages = subscriber.collect(lambda ms: sum(m["type"] == "end" for _, m in ms) == 2, timeout=240)
+        messages = subscriber.collect(lambda ms: sum(m["type"] == "end" for _, m in ms) == 2, timeout=240, process=process)
         returncode = process.wait(60)
     finally:
         process.kill()
