@@ -273,11 +273,11 @@ class Pipeline:
             return []
         self.gate.clear()
         with self._changing:
-            opening = list(self.sources)
+            sources = list(self.sources)
         began = time.monotonic()
-        for source in opening:
+        for source in sources:
             source.start()
-        sources = opening
+        opening = sources
         while True:
             opening = [s for s in opening if s.alive and not s.opened.is_set() and not s.open_failed]
             stopped = stop_requested is not None and stop_requested.is_set()
@@ -286,7 +286,7 @@ class Pipeline:
             time.sleep(0.05)
         if stopped:
             return []
-        down = [s.camera.id for s in sources if s.open_failed and not s.opened.is_set() and s not in opening]
+        down = [s.camera.id for s in sources if s.open_failed and not s.opened.is_set()]
         opened = sum(s.opened.is_set() for s in sources)
         log.info("preroll: %d camera(s) opened in %.1f s%s", opened, time.monotonic() - began,
                  f"; not waiting for {len(down)} that could not be opened ({', '.join(down)}): each starts when it "
