@@ -12,6 +12,7 @@ largest score difference from fp32 on the demo clip.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -42,16 +43,57 @@ VARIANTS = {  # name: TorchEngine options (CUDA graphs always on)
     "compiled fp16, all layers": {"fp16": True, "compile": True, "fp32_first_convs": 0},
     "eager fp16_exact": {"fp16": True, "fp16_exact": True},
     "compiled fp16_exact": {"fp16": True, "compile": True, "fp16_exact": True},
+    # process-wide PyTorch settings, set for the variant's start (warm-up picks the kernels the CUDA
+    # graphs then capture) and restored after it
+    "eager fp16, all layers, cudnn.benchmark": {"fp16": True, "fp32_first_convs": 0, "cudnn_benchmark": True},
+    "compiled fp16, all layers, frozen + cudnn.benchmark": {"fp16": True, "compile": True, "fp32_first_convs": 0,
+                                                             "cudnn_benchmark": True, "freezing": True},
 }
 
 
+@contextlib.contextmanager
+def torch_settings(cudnn_benchmark: bool = False, freezing: bool = False):
+    """cudnn.benchmark: cuDNN times its algorithms for each shape on first use instead of picking by
+    heuristics; inductor freezing: the weights are constants of the compiled graph, so their fp16
+    casts (autocast) and layout changes are folded at compile time instead of running on every call."""
+    import torch
+    import torch._inductor.config as inductor_config
+
+    saved = torch.backends.cudnn.benchmark, inductor_config.freezing
+    torch.backends.cudnn.benchmark, inductor_config.freezing = cudnn_benchmark, freezing
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark, inductor_config.freezing = saved
+
+
 def start(prepared, max_batch: int, options: dict, cache_dir: Path, shapes: list[tuple[int, int]] | None = None):
+    settings = {k: options[k] for k in ("cudnn_benchmark", "freezing") if k in options}
+    options = {k: v for k, v in options.items() if k not in settings}
     started = time.perf_counter()
-    engine = TorchEngine(prepared, max_batch, cuda_graphs=True, cache_dir=cache_dir, **options)
-    if shapes:
-        engine.warm_shapes = shapes
-    lanes = LaneSet(engine, 1)  # warms (compiles, captures) every bucket
+    with torch_settings(**settings):
+        engine = TorchEngine(prepared, max_batch, cuda_graphs=True, cache_dir=cache_dir, **options)
+        if shapes:
+            engine.warm_shapes = shapes
+        lanes = LaneSet(engine, 1)  # warms (compiles, captures) every bucket
     return engine, lanes, time.perf_counter() - started
+
+
+def kernel_profile(lanes: LaneSet, images: np.ndarray, batch: int, rows: int = 12) -> str:
+    """The GPU kernels of one batch (CUDA graph replays included), by GPU time: where the time goes."""
+    import torch
+
+    lanes.run_sync(images[:batch])
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            lanes.run_sync(images[:batch])
+    averages = prof.key_averages()
+    for key in ("self_device_time_total", "self_cuda_time_total"):
+        try:
+            return averages.table(sort_by=key, row_limit=rows, max_name_column_width=70)
+        except (AttributeError, KeyError, ValueError):
+            continue
+    return averages.table(row_limit=rows)
 
 
 def scores(lanes: LaneSet, images: np.ndarray, batch: int) -> np.ndarray:
@@ -90,6 +132,8 @@ def main() -> int:
                         help="skip timing the compiled start-up (two more compiles in fresh processes)")
     parser.add_argument("--input-shapes", default="416x416",
                         help="HxW input shapes to time each variant at (a rectangle needs the shape-dynamic model)")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="write each variant's GPU kernels at the first batch size (3 batches, by GPU time) here")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     if args.startup_only:
@@ -129,6 +173,11 @@ def main() -> int:
                 reference = s
             mask = reference >= 0.25
             diff = np.abs(s - reference)[mask]
+            if args.profile:
+                args.profile.mkdir(parents=True, exist_ok=True)
+                table = kernel_profile(lanes, images, batches[0])
+                (args.profile / f"{name.replace(' ', '_').replace(',', '')}.txt").write_text(table)
+                print(f"{name}: kernels of 3 batches of {batches[0]}\n{table}", flush=True)
             lanes.close()
             cells = []
             for b, hw in columns:
