@@ -43,8 +43,8 @@ VARIANTS = {  # name: TorchEngine options (CUDA graphs always on)
     "compiled fp16, all layers": {"fp16": True, "compile": True, "fp32_first_convs": 0},
     "eager fp16_exact": {"fp16": True, "fp16_exact": True},
     "compiled fp16_exact": {"fp16": True, "compile": True, "fp16_exact": True},
-    # process-wide PyTorch settings, set for the variant's start (warm-up picks the kernels the CUDA
-    # graphs then capture) and restored after it
+    # process-wide PyTorch settings, set for the whole variant (each new set of lanes warms up again and
+    # picks the kernels its CUDA graphs capture) and restored after it
     "eager fp16, all layers, cudnn.benchmark": {"fp16": True, "fp32_first_convs": 0, "cudnn_benchmark": True},
     "compiled fp16, all layers, frozen + cudnn.benchmark": {"fp16": True, "compile": True, "fp32_first_convs": 0,
                                                              "cudnn_benchmark": True, "freezing": True},
@@ -55,7 +55,10 @@ VARIANTS = {  # name: TorchEngine options (CUDA graphs always on)
 def torch_settings(cudnn_benchmark: bool = False, freezing: bool = False):
     """cudnn.benchmark: cuDNN times its algorithms for each shape on first use instead of picking by
     heuristics; inductor freezing: the weights are constants of the compiled graph, so their fp16
-    casts (autocast) and layout changes are folded at compile time instead of running on every call."""
+    casts (autocast) and layout changes are folded at compile time instead of running on every call.
+    A frozen graph is not kept by inductor's graph cache: on PyTorch 2.13 (CPU, checked)
+    `torch.compiler.save_cache_artifacts()` gives nothing after a frozen compile, so an engine that
+    froze would compile in every worker instead of loading the first one's artifacts."""
     import torch
     import torch._inductor.config as inductor_config
 
@@ -67,15 +70,16 @@ def torch_settings(cudnn_benchmark: bool = False, freezing: bool = False):
         torch.backends.cudnn.benchmark, inductor_config.freezing = saved
 
 
+SETTINGS = ("cudnn_benchmark", "freezing")  # variant options that are process settings, not engine options
+
+
 def start(prepared, max_batch: int, options: dict, cache_dir: Path, shapes: list[tuple[int, int]] | None = None):
-    settings = {k: options[k] for k in ("cudnn_benchmark", "freezing") if k in options}
-    options = {k: v for k, v in options.items() if k not in settings}
+    options = {k: v for k, v in options.items() if k not in SETTINGS}
     started = time.perf_counter()
-    with torch_settings(**settings):
-        engine = TorchEngine(prepared, max_batch, cuda_graphs=True, cache_dir=cache_dir, **options)
-        if shapes:
-            engine.warm_shapes = shapes
-        lanes = LaneSet(engine, 1)  # warms (compiles, captures) every bucket
+    engine = TorchEngine(prepared, max_batch, cuda_graphs=True, cache_dir=cache_dir, **options)
+    if shapes:
+        engine.warm_shapes = shapes
+    lanes = LaneSet(engine, 1)  # warms (compiles, captures) every bucket
     return engine, lanes, time.perf_counter() - started
 
 
@@ -165,40 +169,43 @@ def main() -> int:
     ratios: list[str] = []
     with tempfile.TemporaryDirectory() as cache:
         for name in args.variants.split(";"):
-            engine, lanes, seconds = start(prepared, args.max_batch, VARIANTS[name], Path(cache) / name.replace(" ", "_"),
-                                           shapes)
-            result = {"startup_s": seconds, "compiled": getattr(engine, "compiled", False)}
-            s = scores(lanes, images, 32)
-            if reference is None:
-                reference = s
-            mask = reference >= 0.25
-            diff = np.abs(s - reference)[mask]
-            if args.profile:
-                args.profile.mkdir(parents=True, exist_ok=True)
-                table = kernel_profile(lanes, images, batches[0])
-                (args.profile / f"{name.replace(' ', '_').replace(',', '')}.txt").write_text(table)
-                print(f"{name}: kernels of 3 batches of {batches[0]}\n{table}", flush=True)
-            lanes.close()
-            cells = []
-            for b, hw in columns:
-                _, timings = run_lanes(engine, 1, shaped[hw], b, rounds=3)
-                us = statistics.median(t.compute_end - t.h2d_end for t in timings) * 1000 / b
-                fps, _ = run_lanes(engine, 3, shaped[hw], b, rounds=3)
-                cells += [f"{us:.0f}", f"{fps:.0f}"]
-                result[column(b, hw)] = {"gpu_us_per_frame": us, "lanes3_fps": fps}
-            if many:
-                base = result[column(batches[0], shapes[0])]["gpu_us_per_frame"]
-                result["ratios"] = {column(batches[0], hw): base / result[column(batches[0], hw)]["gpu_us_per_frame"]
-                                    for hw in shapes[1:]}
-            result.update(max_diff=float(diff.max()), over_002=int((diff > 0.02).sum()))
-            lines.append(f"| {name} | {seconds:.1f} | " + " | ".join(cells) + f" | {diff.max():.4f} | {(diff > 0.02).sum()} |")
-            print(lines[-1], flush=True)
-            for shape, ratio in result.get("ratios", {}).items():
-                ratios.append(f"{name}: GPU time a frame {shapes[0][0]}x{shapes[0][1]} / {shape} = **{ratio:.2f}x**")
-            record["variants"][name] = result
-            engine.close()
-            del engine
-            torch.cuda.empty_cache()
+            with torch_settings(**{k: VARIANTS[name][k] for k in SETTINGS if k in VARIANTS[name]}):
+                engine, lanes, seconds = start(prepared, args.max_batch, VARIANTS[name], Path(cache) / name.replace(" ", "_"),
+                                               shapes)
+                result = {"startup_s": seconds, "compiled": getattr(engine, "compiled", False)}
+                s = scores(lanes, images, 32)
+                if reference is None:
+                    reference = s
+                mask = reference >= 0.25
+                diff = np.abs(s - reference)[mask]
+                if args.profile:
+                    args.profile.mkdir(parents=True, exist_ok=True)
+                    table = kernel_profile(lanes, images, batches[0])
+                    (args.profile / f"{name.replace(' ', '_').replace(',', '')}.txt").write_text(table)
+                    print(f"{name}: kernels of 3 batches of {batches[0]}\n{table}", flush=True)
+                lanes.close()
+                cells = []
+                for b, hw in columns:
+                    _, timings = run_lanes(engine, 1, shaped[hw], b, rounds=3)
+                    us = statistics.median(t.compute_end - t.h2d_end for t in timings) * 1000 / b
+                    fps, _ = run_lanes(engine, 3, shaped[hw], b, rounds=3)
+                    cells += [f"{us:.0f}", f"{fps:.0f}"]
+                    result[column(b, hw)] = {"gpu_us_per_frame": us, "lanes3_fps": fps}
+                if many:
+                    base = result[column(batches[0], shapes[0])]["gpu_us_per_frame"]
+                    result["ratios"] = {column(batches[0], hw): base / result[column(batches[0], hw)]["gpu_us_per_frame"]
+                                        for hw in shapes[1:]}
+                result.update(max_diff=float(diff.max()), over_002=int((diff > 0.02).sum()))
+                # a compile that failed ran eagerly (the engine's one warning line): the row must say so
+                label = f"{name} (compile failed: eager)" if VARIANTS[name].get("compile") and not result["compiled"] else name
+                lines.append(f"| {label} | {seconds:.1f} | " + " | ".join(cells) + f" | {diff.max():.4f} | {(diff > 0.02).sum()} |")
+                print(lines[-1], flush=True)
+                for shape, ratio in result.get("ratios", {}).items():
+                    ratios.append(f"{name}: GPU time a frame {shapes[0][0]}x{shapes[0][1]} / {shape} = **{ratio:.2f}x**")
+                record["variants"][name] = result
+                engine.close()
+                del engine
+                torch.cuda.empty_cache()
         # compiled start-up: cold (empty caches) and from our cached artifacts, each in a fresh process
         if any("compiled" in n for n in args.variants.split(";")) and not args.no_startup:
             cache_dir = Path(cache) / "startup"
