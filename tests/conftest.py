@@ -206,8 +206,9 @@ class RtspServer:
     """tests/rtsp_server.py in a subprocess: a real RTSP server on 127.0.0.1 that a test can kill,
     restart (same port) or freeze (SIGSTOP), like a camera that goes away or hangs."""
 
-    def __init__(self, fps: int = 25, size: str = "320x240", clip: Path | None = None, port: int | None = None):
-        self.fps, self.size, self.clip = fps, size, clip
+    def __init__(self, fps: int = 25, size: str = "320x240", clip: Path | None = None, port: int | None = None,
+                 key_int: int | None = None):
+        self.fps, self.size, self.clip, self.key_int = fps, size, clip, key_int
         self.port = port or free_port()
         self.process: subprocess.Popen | None = None
 
@@ -218,6 +219,8 @@ class RtspServer:
         args = [SYSTEM_PYTHON, str(RTSP_SERVER), "--port", str(self.port), "--fps", str(self.fps), "--size", self.size]
         if self.clip:
             args += ["--clip", str(self.clip)]
+        if self.key_int:
+            args += ["--key-int", str(self.key_int)]
         self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

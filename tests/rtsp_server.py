@@ -3,7 +3,7 @@
 
 Run it with Debian's Python, which has the `gi` bindings (a virtualenv does not):
 
-    /usr/bin/python3 tests/rtsp_server.py --port 8554 [--fps 25] [--size 320x240] [--clip video.mp4]
+    /usr/bin/python3 tests/rtsp_server.py --port 8554 [--fps 25] [--key-int N] [--size 320x240] [--clip video.mp4]
 
 Mounts (each a shared media factory: every client sees the same stream):
 - `/live`: a live test pattern (videotestsrc, H.264 via x264enc with zero latency);
@@ -23,10 +23,10 @@ gi.require_version("GstRtspServer", "1.0")
 from gi.repository import GLib, Gst, GstRtspServer  # noqa: E402
 
 
-def live_pipeline(fps: int, width: int, height: int) -> str:
+def live_pipeline(fps: int, width: int, height: int, key_int: int | None = None) -> str:
     return (
         f"( videotestsrc is-live=true pattern=ball ! video/x-raw,width={width},height={height},framerate={fps}/1 "
-        f"! x264enc tune=zerolatency speed-preset=ultrafast key-int-max={fps} bframes=0 "
+        f"! x264enc tune=zerolatency speed-preset=ultrafast key-int-max={key_int or fps} bframes=0 "
         f"! rtph264pay name=pay0 pt=96 config-interval=1 )"
     )
 
@@ -50,6 +50,8 @@ def main() -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--address", default="127.0.0.1", help="where to listen (the fleet test: a namespace's address)")
     parser.add_argument("--fps", type=int, default=25)
+    parser.add_argument("--key-int", type=int, default=None,
+                        help="frames from one keyframe to the next on /live (default: the fps, one a second; 1: every frame)")
     parser.add_argument("--size", default="320x240", help="WIDTHxHEIGHT of the live pattern")
     parser.add_argument("--clip", help="a H.264 MP4 file to serve on /clip")
     args = parser.parse_args()
@@ -60,7 +62,7 @@ def main() -> int:
     server.set_address(args.address)
     server.set_service(str(args.port))
     mounts = server.get_mount_points()
-    mounts_wanted = {"/live": live_pipeline(args.fps, width, height)}
+    mounts_wanted = {"/live": live_pipeline(args.fps, width, height, args.key_int)}
     if args.clip:
         mounts_wanted["/clip"] = clip_pipeline(args.clip)
     for path, launch in mounts_wanted.items():

@@ -403,9 +403,12 @@ def test_a_prerolled_rtsp_camera_starts_live(tmp_path, rtsp_server):
     it flushes its decoder and begins at a keyframe. So its first frame is not one decoded 4 s before the
     start, nor does it resume from what its socket kept of the hold (either shows as a jump of seconds in
     its timestamps, or as late skips), and it starts with the slow camera. Without the reads while held
-    this test saw a 2.5 s jump; sending the held frame, 2.7 s."""
-    fps = camera_fps(2, most=15)  # a keyframe every second (the server's key-int-max is its fps)
-    server = rtsp_server(fps=fps)
+    this test saw a 2.5 s jump; sending the held frame, 2.7 s. Every frame of this camera is a keyframe,
+    so the first packet after the hold is one, and the decoder's frame delay (threads) gives no frame for
+    it: a watchdog that counted the hold as a stall (stall_timeout_s 2 against the 4 s hold) ended the
+    connection there (a second attempt) before 9f48208."""
+    fps = camera_fps(2, most=15)
+    server = rtsp_server(fps=fps, key_int=1)
     hold_s = 4.0
     clip = small_clip(tmp_path / "slow.mp4", 3 * fps, fps)
     cameras = [live_camera("cam", server.url(), max_lag_s=1.0),  # stall_timeout_s 2: the 4 s hold is not a stall
@@ -417,6 +420,7 @@ def test_a_prerolled_rtsp_camera_starts_live(tmp_path, rtsp_server):
                                env={"VAPIPE_TEST_DECODER_START_DELAY": f"slow={hold_s:g}"})
     assert code == 0, err[-2000:]
     stats = json.loads(summary_path.read_text())["cameras"]["cam"]
+    assert stats["attempts"] == 1 and "stalled" not in err, f"the hold was taken for a stall: {stats}"
     assert stats["drops"].get("late", 0) == 0 and "skipped" not in err, f"a burst of the held seconds: {stats}"
     frames = collector.frames("cam")
     pts = [m["pts"] for m in frames if m["pts"] is not None]
