@@ -102,12 +102,14 @@ def test_sigterm_drains_every_worker(tmp_path):
     assert {m["camera"] for _, m in messages if m["type"] == "end"} == every_camera
 
 
-def _two_workers_one_slow(tmp_path, short_clips, delay_s: float, hook: str = "VAPIPE_TEST_READY_DELAY",
+def _two_workers_one_slow(tmp_path, short_clips, delay_s: float, slow_decoder: bool = False,
                           **runtime) -> tuple[list, str, dict]:
-    """Cameras a and b on workers 0 and 1, worker 1 (or its camera b) `delay_s` slow through a test-only
-    hook: VAPIPE_TEST_READY_DELAY (the worker says ready that late) or VAPIPE_TEST_DECODER_START_DELAY
-    (camera b's decoder is that slow to open). The messages until both cameras end, the run's stderr,
-    and its summary's `start` record."""
+    """Cameras a and b on workers 0 and 1, worker 1 `delay_s` slow through a test-only hook: it says ready
+    that late (VAPIPE_TEST_READY_DELAY) or, with `slow_decoder`, its camera b's decoder is that slow to
+    open (VAPIPE_TEST_DECODER_START_DELAY). The messages until both cameras end, the run's stderr, and
+    its summary's `start` record."""
+    hook = ({"VAPIPE_TEST_DECODER_START_DELAY": f"b={delay_s:g}"} if slow_decoder
+            else {"VAPIPE_TEST_READY_DELAY": f"1:{delay_s:g}"})
     people, bottles = short_clips
     cameras = [{"id": "a", "url": str(people)}, {"id": "b", "url": str(bottles)}]
     path, config = make_config(tmp_path, cameras, engine={"lanes": 1}, publish={"wait_subscribers": 1, "wait_timeout_s": 60},
@@ -115,7 +117,7 @@ def _two_workers_one_slow(tmp_path, short_clips, delay_s: float, hook: str = "VA
     summary = tmp_path / "summary.json"
     subscriber = Subscriber(config["publish"]["bind"], [b"det/"])
     process = start_cli("--config", str(path), "--summary-json", str(summary),
-                        env={hook: f"1:{delay_s:g}" if hook == "VAPIPE_TEST_READY_DELAY" else f"b={delay_s:g}"})
+                        env=hook)
     try:
         messages = subscriber.collect(lambda ms: sum(m["type"] == "end" for _, m in ms) == 2, timeout=240, process=process)
         _, err = process.communicate(timeout=60)
@@ -144,7 +146,7 @@ def test_a_worker_prerolls_its_cameras_before_it_says_ready(tmp_path, short_clip
     took 20-76 s on a 4-GPU host): its worker opens it and holds its first frame before saying ready
     (runtime.preroll_timeout_s), so both cameras start together at the go instead of b 5 s late while a
     runs ahead."""
-    messages, err, start = _two_workers_one_slow(tmp_path, short_clips, 5, hook="VAPIPE_TEST_DECODER_START_DELAY")
+    messages, err, start = _two_workers_one_slow(tmp_path, short_clips, 5, slow_decoder=True)
     assert start["ready_at"]["1"] - start["ready_at"]["0"] > 3, start  # the opening is inside worker 1's ready
     first = first_frames(messages)
     assert set(first) == {"a", "b"}
