@@ -48,6 +48,15 @@ VARIANTS = {  # name: TorchEngine options (CUDA graphs always on)
     "eager fp16, all layers, cudnn.benchmark": {"fp16": True, "fp32_first_convs": 0, "cudnn_benchmark": True},
     "compiled fp16, all layers, frozen + cudnn.benchmark": {"fp16": True, "compile": True, "fp32_first_convs": 0,
                                                              "cudnn_benchmark": True, "freezing": True},
+    "compiled fp16, all layers, frozen": {"fp16": True, "compile": True, "fp32_first_convs": 0, "freezing": True},
+    # the convolutions' weights and biases stored in fp16 before the warm-up: autocast otherwise casts
+    # each of them on every call (236 casts in the compiled graph of YOLOX-Nano, 10 with fp16
+    # weights; PyTorch 2.13 CPU autocast), the same rounding, so the outputs are the same
+    "eager fp16, all layers, fp16 weights": {"fp16": True, "fp32_first_convs": 0, "fp16_weights": True},
+    "compiled fp16, all layers, fp16 weights": {"fp16": True, "compile": True, "fp32_first_convs": 0,
+                                                "fp16_weights": True},
+    "compiled fp16, all layers, fp16 weights + cudnn.benchmark": {"fp16": True, "compile": True, "fp32_first_convs": 0,
+                                                                  "fp16_weights": True, "cudnn_benchmark": True},
 }
 
 
@@ -56,9 +65,10 @@ def torch_settings(cudnn_benchmark: bool = False, freezing: bool = False):
     """cudnn.benchmark: cuDNN times its algorithms for each shape on first use instead of picking by
     heuristics; inductor freezing: the weights are constants of the compiled graph, so their fp16
     casts (autocast) and layout changes are folded at compile time instead of running on every call.
-    A frozen graph is not kept by inductor's graph cache: on PyTorch 2.13 (CPU, checked)
-    `torch.compiler.save_cache_artifacts()` gives nothing after a frozen compile, so an engine that
-    froze would compile in every worker instead of loading the first one's artifacts."""
+    A frozen graph is kept by the compile cache on PyTorch 2.13 (CPU autocast, YOLOX-Nano, checked
+    with an empty inductor cache each time): `torch.compiler.save_cache_artifacts()` gives 588 kB
+    (1.3 MB unfrozen), and a fresh process that loads them hits inductor's FX graph cache. Not yet
+    checked on the GPU machine's PyTorch."""
     import torch
     import torch._inductor.config as inductor_config
 
@@ -71,12 +81,38 @@ def torch_settings(cudnn_benchmark: bool = False, freezing: bool = False):
 
 
 SETTINGS = ("cudnn_benchmark", "freezing")  # variant options that are process settings, not engine options
+BENCH_OPTIONS = SETTINGS + ("fp16_weights",)  # variant options the bench applies, not TorchEngine
+
+
+def fp16_weights(module) -> int:
+    """Store the weights and biases of the convolutions and linear layers, the modules autocast runs
+    in fp16, as fp16: what autocast does to them on every call, done once (the same rounding). Not
+    an engine option yet; here to measure what those casts cost. Needs every layer in fp16 (an
+    fp32 island's convolution must keep fp32 weights). Returns the tensors cast."""
+    import torch
+
+    kinds = (torch.nn.modules.conv._ConvNd, torch.nn.Linear)  # every convolution, transposed too
+    cast = 0
+    with torch.no_grad():
+        for layer in module.modules():
+            if isinstance(layer, kinds):
+                for name, tensor in list(layer.named_parameters(recurse=False)):
+                    if tensor.is_floating_point():
+                        # Parameter.data = keeps the Parameter and its memory format (channels_last)
+                        tensor.data = tensor.data.half()
+                        cast += 1
+    return cast
 
 
 def start(prepared, max_batch: int, options: dict, cache_dir: Path, shapes: list[tuple[int, int]] | None = None):
-    options = {k: v for k, v in options.items() if k not in SETTINGS}
     started = time.perf_counter()
-    engine = TorchEngine(prepared, max_batch, cuda_graphs=True, cache_dir=cache_dir, **options)
+    engine = TorchEngine(prepared, max_batch, cuda_graphs=True, cache_dir=cache_dir,
+                         **{k: v for k, v in options.items() if k not in BENCH_OPTIONS})
+    if options.get("fp16_weights"):
+        if options.get("fp32_first_convs", 16) or not options.get("fp16"):
+            raise SystemExit("fp16_weights needs fp16 in every layer (fp32_first_convs 0)")
+        # before LaneSet's warm-up: torch.compile traces the module on its first call there
+        print(f"fp16 weights: {fp16_weights(engine.module)} tensors cast", flush=True)
     if shapes:
         engine.warm_shapes = shapes
     lanes = LaneSet(engine, 1)  # warms (compiles, captures) every bucket
@@ -106,6 +142,36 @@ def scores(lanes: LaneSet, images: np.ndarray, batch: int) -> np.ndarray:
         y = lanes.run_sync(images[i : i + batch])[0]
         out.append((y[..., 4:5] * y[..., 5:]).max(-1))
     return np.concatenate(out)
+
+
+def measure(name: str, prepared, args, cache_dir: Path, images: np.ndarray, shaped: dict, columns: list,
+            column) -> tuple[dict, list[str]]:
+    """One variant, under its process settings: start it, score the demo frames, write its kernel
+    profile (--profile), then GPU time a frame on 1 lane and throughput on 3 at every column.
+    Returns its record (with the frames' scores, for the difference from the first variant) and
+    its table cells."""
+    import torch
+
+    engine, lanes, seconds = start(prepared, args.max_batch, VARIANTS[name], cache_dir, list(shaped))  # its shapes
+    result = {"startup_s": seconds, "compiled": getattr(engine, "compiled", False), "scores": scores(lanes, images, 32)}
+    if args.profile:
+        first = columns[0][0]
+        args.profile.mkdir(parents=True, exist_ok=True)
+        table = kernel_profile(lanes, images, first)
+        (args.profile / f"{name.replace(' ', '_').replace(',', '')}.txt").write_text(table)
+        print(f"{name}: kernels of 3 batches of {first}\n{table}", flush=True)
+    lanes.close()
+    cells = []
+    for b, hw in columns:
+        _, timings = run_lanes(engine, 1, shaped[hw], b, rounds=3)
+        us = statistics.median(t.compute_end - t.h2d_end for t in timings) * 1000 / b
+        fps, _ = run_lanes(engine, 3, shaped[hw], b, rounds=3)
+        cells += [f"{us:.0f}", f"{fps:.0f}"]
+        result[column(b, hw)] = {"gpu_us_per_frame": us, "lanes3_fps": fps}
+    engine.close()
+    del engine
+    torch.cuda.empty_cache()
+    return result, cells
 
 
 def startup_only(args) -> int:
@@ -170,42 +236,25 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as cache:
         for name in args.variants.split(";"):
             with torch_settings(**{k: VARIANTS[name][k] for k in SETTINGS if k in VARIANTS[name]}):
-                engine, lanes, seconds = start(prepared, args.max_batch, VARIANTS[name], Path(cache) / name.replace(" ", "_"),
-                                               shapes)
-                result = {"startup_s": seconds, "compiled": getattr(engine, "compiled", False)}
-                s = scores(lanes, images, 32)
-                if reference is None:
-                    reference = s
-                mask = reference >= 0.25
-                diff = np.abs(s - reference)[mask]
-                if args.profile:
-                    args.profile.mkdir(parents=True, exist_ok=True)
-                    table = kernel_profile(lanes, images, batches[0])
-                    (args.profile / f"{name.replace(' ', '_').replace(',', '')}.txt").write_text(table)
-                    print(f"{name}: kernels of 3 batches of {batches[0]}\n{table}", flush=True)
-                lanes.close()
-                cells = []
-                for b, hw in columns:
-                    _, timings = run_lanes(engine, 1, shaped[hw], b, rounds=3)
-                    us = statistics.median(t.compute_end - t.h2d_end for t in timings) * 1000 / b
-                    fps, _ = run_lanes(engine, 3, shaped[hw], b, rounds=3)
-                    cells += [f"{us:.0f}", f"{fps:.0f}"]
-                    result[column(b, hw)] = {"gpu_us_per_frame": us, "lanes3_fps": fps}
-                if many:
-                    base = result[column(batches[0], shapes[0])]["gpu_us_per_frame"]
-                    result["ratios"] = {column(batches[0], hw): base / result[column(batches[0], hw)]["gpu_us_per_frame"]
-                                        for hw in shapes[1:]}
-                result.update(max_diff=float(diff.max()), over_002=int((diff > 0.02).sum()))
-                # a compile that failed ran eagerly (the engine's one warning line): the row must say so
-                label = f"{name} (compile failed: eager)" if VARIANTS[name].get("compile") and not result["compiled"] else name
-                lines.append(f"| {label} | {seconds:.1f} | " + " | ".join(cells) + f" | {diff.max():.4f} | {(diff > 0.02).sum()} |")
-                print(lines[-1], flush=True)
-                for shape, ratio in result.get("ratios", {}).items():
-                    ratios.append(f"{name}: GPU time a frame {shapes[0][0]}x{shapes[0][1]} / {shape} = **{ratio:.2f}x**")
-                record["variants"][name] = result
-                engine.close()
-                del engine
-                torch.cuda.empty_cache()
+                result, cells = measure(name, prepared, args, Path(cache) / name.replace(" ", "_"), images, shaped,
+                                        columns, column)
+            frame_scores = result.pop("scores")
+            if reference is None:  # the first variant is the reference
+                reference = frame_scores
+            diff = np.abs(frame_scores - reference)[reference >= 0.25]
+            result.update(max_diff=float(diff.max()), over_002=int((diff > 0.02).sum()))
+            if many:
+                base = result[column(batches[0], shapes[0])]["gpu_us_per_frame"]
+                result["ratios"] = {column(batches[0], hw): base / result[column(batches[0], hw)]["gpu_us_per_frame"]
+                                    for hw in shapes[1:]}
+            # a compile that failed ran eagerly (the engine's one warning line): the row must say so
+            label = f"{name} (compile failed: eager)" if VARIANTS[name].get("compile") and not result["compiled"] else name
+            lines.append(f"| {label} | {result['startup_s']:.1f} | " + " | ".join(cells)
+                         + f" | {diff.max():.4f} | {(diff > 0.02).sum()} |")
+            print(lines[-1], flush=True)
+            for shape, ratio in result.get("ratios", {}).items():
+                ratios.append(f"{name}: GPU time a frame {shapes[0][0]}x{shapes[0][1]} / {shape} = **{ratio:.2f}x**")
+            record["variants"][name] = result
         # compiled start-up: cold (empty caches) and from our cached artifacts, each in a fresh process
         if any("compiled" in n for n in args.variants.split(";")) and not args.no_startup:
             cache_dir = Path(cache) / "startup"
