@@ -96,7 +96,7 @@ def fp16_weights(module) -> int:
     with torch.no_grad():
         for layer in module.modules():
             if isinstance(layer, kinds):
-                for name, tensor in list(layer.named_parameters(recurse=False)):
+                for tensor in layer.parameters(recurse=False):
                     if tensor.is_floating_point():
                         # Parameter.data = keeps the Parameter and its memory format (channels_last)
                         tensor.data = tensor.data.half()
@@ -109,7 +109,7 @@ def start(prepared, max_batch: int, options: dict, cache_dir: Path, shapes: list
     engine = TorchEngine(prepared, max_batch, cuda_graphs=True, cache_dir=cache_dir,
                          **{k: v for k, v in options.items() if k not in BENCH_OPTIONS})
     if options.get("fp16_weights"):
-        if options.get("fp32_first_convs", 16) or not options.get("fp16"):
+        if options.get("fp32_first_convs") != 0 or not options.get("fp16"):  # unset: the engine's fp32 islands
             raise SystemExit("fp16_weights needs fp16 in every layer (fp32_first_convs 0)")
         # before LaneSet's warm-up: torch.compile traces the module on its first call there
         print(f"fp16 weights: {fp16_weights(engine.module)} tensors cast", flush=True)
