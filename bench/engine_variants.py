@@ -57,6 +57,16 @@ VARIANTS = {  # name: TorchEngine options (CUDA graphs always on)
                                                 "fp16_weights": True},
     "compiled fp16, all layers, fp16 weights + cudnn.benchmark": {"fp16": True, "compile": True, "fp32_first_convs": 0,
                                                                   "fp16_weights": True, "cudnn_benchmark": True},
+    # engines/torch_speed.py, exact: the stem's 12 input channels padded to 16 for cuDNN's fp16
+    # tensor-core kernels, and SPP's 9x9 and 13x13 max pools as chains of 5x5 ones (SPPF)
+    "eager fp16, all layers, stem padded + pools cascaded": {"fp16": True, "fp32_first_convs": 0,
+                                                             "pad_channels": True, "cascade_pools": True},
+    "compiled fp16, all layers, stem padded": {"fp16": True, "compile": True, "fp32_first_convs": 0,
+                                               "pad_channels": True},
+    "compiled fp16, all layers, pools cascaded": {"fp16": True, "compile": True, "fp32_first_convs": 0,
+                                                  "cascade_pools": True},
+    "compiled fp16, all layers, stem padded + pools cascaded": {"fp16": True, "compile": True, "fp32_first_convs": 0,
+                                                                "pad_channels": True, "cascade_pools": True},
 }
 
 
@@ -81,7 +91,7 @@ def torch_settings(cudnn_benchmark: bool = False, freezing: bool = False):
 
 
 SETTINGS = ("cudnn_benchmark", "freezing")  # variant options that are process settings, not engine options
-BENCH_OPTIONS = SETTINGS + ("fp16_weights",)  # variant options the bench applies, not TorchEngine
+BENCH_OPTIONS = SETTINGS + ("fp16_weights", "pad_channels", "cascade_pools")  # the bench applies these, not TorchEngine
 
 
 def fp16_weights(module) -> int:
@@ -113,6 +123,17 @@ def start(prepared, max_batch: int, options: dict, cache_dir: Path, shapes: list
             raise SystemExit("fp16_weights needs fp16 in every layer (fp32_first_convs 0)")
         # before LaneSet's warm-up: torch.compile traces the module on its first call there
         print(f"fp16 weights: {fp16_weights(engine.module)} tensors cast", flush=True)
+    if options.get("pad_channels") or options.get("cascade_pools"):
+        import torch
+
+        from engines.torch_speed import cascade_max_pools, pad_conv_channels
+
+        if options.get("pad_channels"):
+            print(f"padded: {pad_conv_channels(engine.module)}", flush=True)
+        if options.get("cascade_pools"):
+            print(f"pools cascaded: {cascade_max_pools(engine.module)}", flush=True)
+        if options.get("compile"):  # the padded weight is new: the compiled engine's layout again
+            engine.module = engine.module.to(memory_format=torch.channels_last)
     if shapes:
         engine.warm_shapes = shapes
     lanes = LaneSet(engine, 1)  # warms (compiles, captures) every bucket
