@@ -95,16 +95,16 @@ def test_pools_that_are_not_same_size_stride_1_are_left():
     assert cascade_max_pools(torch.fx.symbolic_trace(Two())) == 0
 
 
-def test_depthwise_and_aligned_convolutions_are_not_padded():
+def test_rgb_depthwise_and_aligned_convolutions_are_not_padded():
     import torch
 
     from engines.torch_speed import pad_conv_channels
 
-    model = torch.nn.Sequential(torch.nn.Conv2d(12, 12, 3, groups=12), torch.nn.Conv2d(12, 16, 1),
-                                torch.nn.Conv2d(16, 8, 1))
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 12, 3, padding=1), torch.nn.Conv2d(12, 12, 3, groups=12),
+                                torch.nn.Conv2d(12, 16, 1), torch.nn.Conv2d(16, 8, 1))
     traced = torch.fx.symbolic_trace(model)
-    x = torch.randn(1, 12, 9, 9)
+    x = torch.randn(1, 3, 9, 9)
     with torch.no_grad():
         reference = traced(x)
-        assert pad_conv_channels(traced) == ["1"]  # the dense 12-channel one only
+        assert pad_conv_channels(traced) == ["2"]  # the dense 12-channel one only (RGB: 3 to 8, left)
         assert torch.allclose(traced(x), reference, atol=1e-5)
