@@ -192,6 +192,15 @@ def short_clips(tmp_path_factory) -> tuple[Path, Path]:
     return cut_clip(PERSON_CLIP, folder / "people.mp4", 200), cut_clip(BOTTLE_CLIP, folder / "bottles.mp4", 0)
 
 
+def needs_torch_and_model() -> None:
+    """At the top of a CPU test module of the torch engine's module rewrites: skip the module where
+    torch or onnx2torch is not installed (CI installs neither) or the demo model is missing."""
+    pytest.importorskip("torch")
+    pytest.importorskip("onnx2torch")
+    if not MODEL.is_file():
+        pytest.skip("needs the demo model (scripts/test.sh fetches the assets)", allow_module_level=True)
+
+
 @pytest.fixture
 def assets_present():
     if not MODEL.is_file() or not PERSON_CLIP.is_file():

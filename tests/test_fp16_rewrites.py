@@ -2,21 +2,11 @@
 the constants they take out of the stored activations and the pixels come back, exactly, through
 the biases and the borders. Runs on the CPU wherever torch and onnx2torch are installed."""
 
-import sys
-from pathlib import Path
-
 import pytest
 
-pytest.importorskip("torch")
-pytest.importorskip("onnx2torch")
+from conftest import MODEL, needs_torch_and_model
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.common import MODEL  # noqa: E402
-
-if not MODEL.is_file():
-    pytest.skip("needs the demo model (scripts/test.sh fetches the assets)", allow_module_level=True)
+needs_torch_and_model()
 
 
 @pytest.fixture(scope="module")
