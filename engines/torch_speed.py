@@ -22,10 +22,10 @@ def pad_conv_channels(module, multiple: int = 8) -> list[str]:
     """Dense convolutions whose input channels are not a multiple of `multiple` read zero channels
     up to it, with zero weights for them: the same sums (each added term is 0 x 0), in a shape
     cuDNN's fp16 tensor-core kernels take. For YOLOX the stem, 12 channels to 16 (the 4 pixel
-    phases of its space-to-depth times RGB). Only for fp16: in fp32 (no TF32 here) the padding is
-    33% more multiply-adds for the same kernel. Not where the zeros would be more than half the
-    input again (a 3-channel RGB stem: 8 channels would be 2.7 times the image's bytes to write and
-    read, unmeasured). Changes the module in place; returns the targets."""
+    phases of its space-to-depth times RGB). For fp16 only (the caller applies it there): in fp32
+    (no TF32 here) the padding is 33% more multiply-adds for the same kernel. Not where the zeros
+    would be more than half the input again (a 3-channel RGB stem: 8 channels would be 2.7 times
+    the image's bytes to write and read, unmeasured). Changes the module in place; returns the targets."""
     import torch
     import torch.nn.functional as F
 
