@@ -78,6 +78,8 @@ def cascade_max_pools(module) -> int:
     rewritten."""
     import torch
 
+    from engines.torch_engine import _replace
+
     order = {node: i for i, node in enumerate(module.graph.nodes)}
     siblings: dict = {}
     for node in _call_modules(module, torch.nn.MaxPool2d):
@@ -93,9 +95,7 @@ def cascade_max_pools(module) -> int:
             if size == smaller:
                 continue
             step = size - smaller + 1  # odd: both sizes are odd
-            owner, _, name = node.target.rpartition(".")
-            setattr(module.get_submodule(owner) if owner else module, name,
-                    torch.nn.MaxPool2d(step, stride=1, padding=step // 2))
+            _replace(module, node.target, torch.nn.MaxPool2d(step, stride=1, padding=step // 2))
             node.args = (previous,)
             rewritten += 1
     module.graph.lint()
