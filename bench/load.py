@@ -357,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the quick GPU check: --decoders nvdec --streams 64 --streams-per-worker 8 --windows 1")
     parser.add_argument("--startup-timeout", type=float, default=None,
                         help="seconds for every camera to publish (default 90; 420 with --compile, whose first start "
-                             "compiles: 118 s for 64 cameras on an H100)")
+                             "compiles: 118 s for 64 cameras on an H100 at 547ed47)")
     parser.add_argument("--profile", action="store_true", help="py-spy the pipeline during each window")
     parser.add_argument("--clips", type=Path, default=None, help="folder for the generated clips (kept)")
     parser.add_argument("--label", default="", help="a note for the results table")
